@@ -1,0 +1,35 @@
+"""Command line: ``python -m onlineaug demo`` and ``python -m onlineaug plan``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m onlineaug", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    from onlineaug import demo
+
+    demo_parser = commands.add_parser("demo", help="train a small CNN vanilla and with online GenMix; compare")
+    demo.add_arguments(demo_parser)
+
+    try:
+        from onlineaug import plan
+    except ImportError:  # pragma: no cover - plan lands with the benchmarks
+        plan = None
+    if plan is not None:
+        plan_parser = commands.add_parser("plan", help="how many GPUs should generate for a given trainer")
+        plan.add_arguments(plan_parser)
+
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        demo.run_demo(args)
+    elif args.command == "plan":
+        plan.run_plan(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""``python -m onlineaug demo``: vanilla vs online generative augmentation, side by side.
+
+Trains a small CNN on :class:`~onlineaug.datasets.SyntheticShapes` for a fixed number of steps twice: with a
+plain ``DataLoader`` (vanilla) and with :class:`~onlineaug.OnlineGenAugLoader` (GenMix on the tiny generator by
+default). Prints steps/s, the augmentation overhead A_O = (T_aug - T_van) / T_van (GuidedMixup's definition,
+used by the DiffuseMix/DiffCoRe-Mix papers), the generated share, misses and pool stats; writes
+``preview.png`` (original, generated, mask, hybrid, fractal, final: DiffuseMix Figure 4) and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onlineaug import ops
+from onlineaug.datasets import SyntheticShapes
+from onlineaug.images import UInt8ImageDataset
+from onlineaug.loader import IMAGENET_MEAN, IMAGENET_STD, OnlineGenAugLoader
+from onlineaug.seeding import torch_generator
+
+
+def small_cnn(num_classes: int) -> nn.Module:
+    def block(cin, cout):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                             nn.MaxPool2d(2))
+
+    return nn.Sequential(block(3, 32), block(32, 64), block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(128, num_classes))
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def _batches(loader, steps: int):
+    """``steps`` batches, cycling epochs (calling ``set_epoch`` where the loader has it)."""
+    done, epoch = 0, 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        for batch in loader:
+            yield batch
+            done += 1
+            if done == steps:
+                return
+        epoch += 1
+
+
+def train(loader, steps: int, *, num_classes: int, device: torch.device, seed: int, desc: str,
+          prepare=None, progress: bool = True) -> dict:
+    """Train a fresh small CNN for ``steps`` steps; returns wall time and the final loss."""
+    torch.manual_seed(seed)
+    model = small_cnn(num_classes).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress)
+    losses = []
+    start = time.perf_counter()
+    for batch in _batches(loader, steps):
+        images, targets = prepare(batch) if prepare else batch
+        loss = soft_cross_entropy(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+        bar.update(1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    bar.close()
+    return {"seconds": seconds, "steps_per_s": steps / seconds, "final_loss": float(np.mean(losses[-10:]))}
+
+
+def _tile(image: torch.Tensor, size: int) -> np.ndarray:
+    """float (3,H,W) in [0,1] or (H,W) -> uint8 (size,size,3)."""
+    if image.ndim == 2:
+        image = image[None].expand(3, -1, -1)
+    image = F.interpolate(image[None].float(), size=(size, size), mode="nearest")[0]
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def write_preview(loader: OnlineGenAugLoader, path: Path, *, count: int = 4, tile: int = 128) -> int:
+    """DiffuseMix Figure 4 from pooled samples: rows original, generated, mask, hybrid, fractal, final."""
+    from PIL import Image, ImageDraw
+
+    samples = loader.pool.peek(count) if loader.pool is not None else []
+    if not samples:
+        return 0
+    recipe, ctx, size = loader.recipe, loader.context, loader.image_size
+    generator = torch_generator(loader.seed, "preview")
+    fractal_index = torch.randint(ctx.fractals.shape[0], (len(samples),), generator=generator)
+    rows = {name: [] for name in ("original", "generated", "mask", "hybrid", "fractal", "final")}
+    for i, sample in enumerate(samples):
+        original = torch.from_numpy(sample["original"]).float() / 255
+        generated = torch.from_numpy(sample["generated"]).float() / 255
+        split = recipe.splits[i % len(recipe.splits)]
+        flip = recipe.flips[(i // len(recipe.splits)) % len(recipe.flips)]
+        mask = ops.smooth_mask(size, size, split=split, flip=flip, blend_width=recipe.blend_width_at(size))
+        fractal = ctx.fractals[fractal_index[i]].cpu().float() / 255
+        hybrid = ops.concat_blend(original[None], generated[None], mask, fractal[None], 0.0)[0]
+        final = ops.concat_blend(original[None], generated[None], mask, fractal[None], recipe.lam)[0]
+        for name, image in zip(rows, (original, generated, mask, hybrid, fractal, final)):
+            rows[name].append(_tile(image, tile))
+    label_width = 90
+    canvas = Image.new("RGB", (label_width + tile * len(samples), tile * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (name, tiles) in enumerate(rows.items()):
+        draw.text((6, r * tile + tile // 2 - 6), name, fill="black")
+        for c, array in enumerate(tiles):
+            canvas.paste(Image.fromarray(array), (label_width + c * tile, r * tile))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return len(samples)
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def run_demo(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    tiny = args.generator == "tiny"
+    generation_size = args.generation_size or (args.image_size if tiny else None)
+    recipe_options = {}
+    if args.num_inference_steps or tiny:
+        recipe_options["num_inference_steps"] = args.num_inference_steps or 4
+    dataset = SyntheticShapes(num_classes=args.num_classes, size=args.image_size, length=args.length, seed=args.seed)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress
+
+    # Vanilla: a plain DataLoader of the same uint8 images, normalised on the device.
+    vanilla_loader = torch.utils.data.DataLoader(
+        UInt8ImageDataset(dataset, args.image_size, args.num_classes), batch_size=args.batch_size, shuffle=True,
+        num_workers=args.num_workers, drop_last=True, persistent_workers=args.num_workers > 0,
+        generator=torch.Generator().manual_seed(args.seed), pin_memory=device.type == "cuda")
+    mean = torch.tensor(IMAGENET_MEAN, device=device)
+    std = torch.tensor(IMAGENET_STD, device=device)
+
+    def prepare_vanilla(batch):
+        images, labels, _ = batch
+        images = ops.normalize(images.to(device, non_blocking=True), mean, std)
+        return images, ops.one_hot_targets(labels.to(device), args.num_classes)
+
+    vanilla = train(vanilla_loader, args.steps, num_classes=args.num_classes, device=device, seed=args.seed,
+                    desc="vanilla", prepare=prepare_vanilla, progress=progress)
+
+    loader = OnlineGenAugLoader(
+        dataset, recipe=args.recipe, num_classes=args.num_classes, batch_size=args.batch_size,
+        image_size=args.image_size, generator=args.generator, device=args.device,
+        generator_devices=args.generator_device or ["cpu"], p_aug=args.p_aug, pool_size=args.pool_size,
+        max_reuse=args.max_reuse, num_workers=args.num_workers, seed=args.seed, drop_last=True,
+        generation_size=generation_size if args.recipe in ("diffusemix", "genmix") else None,
+        warmup=args.warmup, recipe_options=recipe_options, generator_batch_size=args.generator_batch_size,
+        compile_unet=args.compile, progress=progress)
+    with loader:
+        warmup_start = time.perf_counter()
+        loader.wait_for_pool(args.warmup)
+        warmup_seconds = time.perf_counter() - warmup_start
+        augmented = train(loader, args.steps, num_classes=args.num_classes, device=device, seed=args.seed,
+                          desc=f"online {args.recipe}", progress=progress)
+        stats = loader.stats()
+        previewed = write_preview(loader, out_dir / "preview.png")
+        recipe_settings = loader.recipe.describe()
+
+    overhead = (augmented["seconds"] - vanilla["seconds"]) / vanilla["seconds"]
+    metrics = {
+        "settings": {k: v for k, v in vars(args).items()},
+        "recipe": recipe_settings,
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                        "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S")},
+        "vanilla": vanilla,
+        "augmented": augmented,
+        "augmentation_overhead": overhead,
+        "warmup_seconds": warmup_seconds,
+        "loader_stats": stats,
+        "preview_samples": previewed,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    served = stats["real"] + stats["generated"]
+    print()
+    print(f"onlineaug demo: {args.steps} steps, batch {args.batch_size}, {args.image_size}px SyntheticShapes, "
+          f"trainer {args.device}, generator {args.generator} on {', '.join(args.generator_device or ['cpu'])}")
+    print(_table([
+        ("vanilla steps/s", f"{vanilla['steps_per_s']:.2f}  ({vanilla['seconds']:.1f} s)"),
+        (f"online {args.recipe} steps/s", f"{augmented['steps_per_s']:.2f}  ({augmented['seconds']:.1f} s)"),
+        ("overhead A_O = (T_aug-T_van)/T_van", f"{overhead * 100:+.1f}%"),
+        ("generated share", f"{stats['generated_share'] * 100:.1f}%  ({stats['generated']} of {served}, "
+                            f"p_aug={args.p_aug})"),
+        ("fresh / reused serves", f"{stats['fresh']} / {stats['reused']}  (max_reuse={args.max_reuse})"),
+        ("misses (nothing ready)", f"{stats['misses']}"),
+        ("pool ready / size", f"{stats['pool_ready']} / {stats['pool_size']}"),
+        ("produced", f"{stats['produced']}  ({stats['gen_images_per_s']:.2f} img/s, "
+                     f"{stats['producer_restarts']} restarts)"),
+        ("warmup", f"{warmup_seconds:.1f} s for {args.warmup} samples"),
+        ("final loss vanilla / online", f"{vanilla['final_loss']:.3f} / {augmented['final_loss']:.3f}"),
+    ]))
+    print(f"wrote {out_dir / 'preview.png'} and {out_dir / 'metrics.json'}")
+    return metrics
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", default="genmix")
+    parser.add_argument("--generator", default="tiny", help='"tiny", a hub id, or a local diffusers folder')
+    parser.add_argument("--device", default="cpu", help="the trainer's device")
+    parser.add_argument("--generator-device", action="append", help="one producer per use (default: cpu)")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--generation-size", type=int, default=None,
+                        help="default: the image size with the tiny generator, the recipe's otherwise")
+    parser.add_argument("--num-inference-steps", type=int, default=None,
+                        help="default: 4 with the tiny generator, the recipe's otherwise")
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--length", type=int, default=2000)
+    parser.add_argument("--p-aug", type=float, default=0.5)
+    parser.add_argument("--pool-size", type=int, default=64)
+    parser.add_argument("--max-reuse", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=16)
+    parser.add_argument("--generator-batch-size", type=int, default=4)
+    parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA producers)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/demo")
+    parser.add_argument("--no-progress", action="store_true")

@@ -1,0 +1,313 @@
+"""The shared-memory pool between producer processes and the trainer.
+
+Fixed slots, allocated once by the trainer. Each slot holds one generated sample: the recipe's payload
+fields (images as uint8, labels and metadata as int64/float32) laid out back to back. Two segments:
+
+* ``data``: ``num_slots * slot_bytes`` of payload;
+* ``control``: int64 counters: per slot ``seq``, ``uses``, ``uses_seq``, ``written_ns``; per producer
+  ``produced``, ``busy_ns``, ``started_ns``.
+
+Slot protocol (a seqlock; no cross-process lock, so a producer killed at any instant cannot wedge the pool):
+
+* Slot ``s`` belongs to producer ``s % num_producers``; only that producer writes it.
+* The producer makes ``seq[s]`` odd, writes the payload, then makes ``seq[s]`` even and larger than any
+  value it had before. An odd ``seq`` (including one left by a producer that died mid-write) is never
+  served; ``seq == 0`` is a slot never written.
+* The trainer (the only consumer, and the only writer of ``uses``/``uses_seq``) picks ready slots, copies
+  them out, and re-reads ``seq``: if it changed, the copy may be torn and is thrown away. A slot is served
+  at most ``max_reuse`` times per write: ``uses[s]`` counts serves of the write numbered ``uses_seq[s]``.
+* A producer overwrites, among its own slots: never-written or abandoned ones first, then exhausted ones,
+  then the most used, then the oldest.
+
+Ordering relies on aligned 8-byte loads/stores being atomic and stores becoming visible in program order
+(x86-64 TSO), which is where these producers run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import sys
+import time
+import weakref
+from multiprocessing import shared_memory
+from typing import Mapping
+
+import numpy as np
+
+SHM_DIR = "/dev/shm"
+SEGMENT_PREFIX = "onlineaug_"
+_ALIGN = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One per-sample payload field: its shape (without the batch dimension) and NumPy dtype."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolSpec:
+    """Everything a process needs to attach to a pool (picklable)."""
+
+    data_name: str
+    control_name: str
+    num_slots: int
+    num_producers: int
+    max_reuse: int
+    fields: tuple[tuple[str, Field], ...]
+
+    @property
+    def layout(self) -> dict[str, tuple[int, Field]]:
+        """Field name -> (byte offset inside a slot, field)."""
+        offsets, offset = {}, 0
+        for name, field in self.fields:
+            offsets[name] = (offset, field)
+            offset += -(-field.nbytes // 8) * 8  # keep every field 8-byte aligned
+        return offsets
+
+    @property
+    def slot_bytes(self) -> int:
+        used = sum(-(-f.nbytes // 8) * 8 for _, f in self.fields)
+        return -(-used // _ALIGN) * _ALIGN
+
+    @property
+    def data_bytes(self) -> int:
+        return self.slot_bytes * self.num_slots
+
+    @property
+    def control_bytes(self) -> int:
+        return 8 * (4 * self.num_slots + 3 * self.num_producers)
+
+
+def shm_free_bytes(path: str = SHM_DIR) -> int | None:
+    """Bytes free in the shared-memory filesystem, or None where there is none to ask."""
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def check_shm_capacity(needed: int, *, num_slots: int, slot_bytes: int, path: str = SHM_DIR) -> None:
+    free = shm_free_bytes(path)
+    if free is not None and needed > free:
+        raise MemoryError(
+            f"the sample pool needs {needed:,} bytes of shared memory (pool_size={num_slots} slots x "
+            f"{slot_bytes:,} bytes) but {path} has only {free:,} bytes free. Lower pool_size or image_size, "
+            f"or give {path} more room: `docker run --shm-size=<bytes>` (or `--ipc=host`), or "
+            f"`sudo mount -o remount,size=<bytes> {path}`."
+        )
+
+
+def _attach_untracked(name: str) -> shared_memory.SharedMemory:
+    """Attach to a segment without registering it with this process's resource tracker.
+
+    Before Python 3.13, attaching registers the segment, and the tracker unlinks it when this process
+    exits: a producer that exits would delete the trainer's pool. Only the creator may own the segment.
+    """
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, track=False)
+    from multiprocessing import resource_tracker
+
+    register = resource_tracker.register
+    resource_tracker.register = lambda *args, **kwargs: None
+    try:
+        return shared_memory.SharedMemory(name=name)
+    finally:
+        resource_tracker.register = register
+
+
+def _unlink_quietly(name: str) -> None:
+    from _posixshmem import shm_unlink  # what SharedMemory.unlink calls, without the resource tracker
+
+    try:
+        shm_unlink("/" + name)
+    except FileNotFoundError:
+        pass
+
+
+def unlink_segments(spec: PoolSpec) -> None:
+    """Remove the pool's segments from /dev/shm (idempotent; used by producers when the trainer dies)."""
+    _unlink_quietly(spec.data_name)
+    _unlink_quietly(spec.control_name)
+
+
+class SamplePool:
+    """A view of the pool's shared memory. Create with :meth:`create` (trainer) or :meth:`attach`."""
+
+    def __init__(self, spec: PoolSpec, data: shared_memory.SharedMemory, control: shared_memory.SharedMemory,
+                 *, owner: bool):
+        self.spec = spec
+        self.owner = owner
+        self._data, self._control = data, control
+        n, p = spec.num_slots, spec.num_producers
+        counters = np.ndarray((4 * n + 3 * p,), dtype=np.int64, buffer=control.buf)
+        self.seq, self.uses, self.uses_seq, self.written_ns = (counters[i * n:(i + 1) * n] for i in range(4))
+        self.produced, self.busy_ns, self.started_ns = (counters[4 * n + i * p:4 * n + (i + 1) * p] for i in range(3))
+        raw = np.ndarray((n, spec.slot_bytes), dtype=np.uint8, buffer=data.buf)
+        self.fields: dict[str, np.ndarray] = {}
+        for name, (offset, field) in spec.layout.items():
+            view = raw[:, offset:offset + field.nbytes].view(np.dtype(field.dtype))
+            self.fields[name] = view.reshape((n, *field.shape))
+        self.served_fresh = 0
+        self.served_reused = 0
+        self.torn = 0
+        if owner:
+            self._finalizer = weakref.finalize(self, _release, data, control, True)
+        else:
+            self._finalizer = weakref.finalize(self, _release, data, control, False)
+
+    # ----------------------------------------------------------------------------------------- lifecycle
+    @classmethod
+    def create(cls, fields: Mapping[str, Field], *, num_slots: int, num_producers: int, max_reuse: int) -> "SamplePool":
+        if num_slots < 1:
+            raise ValueError(f"pool_size must be >= 1, got {num_slots}")
+        if num_producers < 1:
+            raise ValueError(f"a pool needs at least one producer, got {num_producers}")
+        if num_slots < num_producers:
+            raise ValueError(
+                f"pool_size={num_slots} is smaller than the number of producers ({num_producers}): each "
+                f"producer needs at least one slot; raise pool_size or use fewer generator_devices"
+            )
+        if max_reuse < 1:
+            raise ValueError(f"max_reuse must be >= 1 (each generated sample served at most that often), got {max_reuse}")
+        token = f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
+        spec = PoolSpec(f"{token}_data", f"{token}_ctl", num_slots, num_producers, max_reuse,
+                        tuple((name, field) for name, field in fields.items()))
+        check_shm_capacity(spec.data_bytes + spec.control_bytes, num_slots=num_slots, slot_bytes=spec.slot_bytes)
+        data = shared_memory.SharedMemory(name=spec.data_name, create=True, size=max(spec.data_bytes, 1))
+        try:
+            control = shared_memory.SharedMemory(name=spec.control_name, create=True, size=spec.control_bytes)
+        except BaseException:
+            data.close()
+            data.unlink()
+            raise
+        np.ndarray((spec.control_bytes // 8,), dtype=np.int64, buffer=control.buf)[:] = 0
+        return cls(spec, data, control, owner=True)
+
+    @classmethod
+    def attach(cls, spec: PoolSpec) -> "SamplePool":
+        data = _attach_untracked(spec.data_name)
+        control = _attach_untracked(spec.control_name)
+        return cls(spec, data, control, owner=False)
+
+    def close(self) -> None:
+        """Detach; the creating process also unlinks the segments. Idempotent."""
+        self.fields = {}
+        self.seq = self.uses = self.uses_seq = self.written_ns = None
+        self.produced = self.busy_ns = self.started_ns = None
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    # ------------------------------------------------------------------------------------------ producer
+    def slots_of(self, rank: int) -> np.ndarray:
+        return np.arange(rank, self.spec.num_slots, self.spec.num_producers)
+
+    def _effective_uses(self, seq: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        return np.where(self.uses_seq[slots] == seq, self.uses[slots], 0)
+
+    def choose_slots_to_write(self, rank: int, count: int) -> np.ndarray:
+        """Up to ``count`` of this producer's slots, best to overwrite first."""
+        slots = self.slots_of(rank)
+        seq = self.seq[slots].copy()
+        uses = self._effective_uses(seq, slots)
+        unusable = (seq == 0) | (seq % 2 == 1)
+        exhausted = uses >= self.spec.max_reuse
+        # np.lexsort: last key is primary. Unusable, then exhausted, then most used, then oldest.
+        order = np.lexsort((self.written_ns[slots], -uses, ~exhausted, ~unusable))
+        return slots[order[:count]]
+
+    def write(self, slot: int, payload: Mapping[str, np.ndarray]) -> None:
+        """Write one sample into ``slot`` (which must belong to the calling producer)."""
+        missing = set(self.fields) - set(payload)
+        if missing:
+            raise KeyError(f"payload is missing pool fields {sorted(missing)}; expected {sorted(self.fields)}")
+        values = {}
+        for name, array in payload.items():
+            value = np.asarray(array)
+            if name in self.fields and value.shape != self.fields[name].shape[1:]:
+                raise ValueError(f"payload field {name!r} has shape {value.shape}, the pool expects "
+                                 f"{self.fields[name].shape[1:]}")
+            values[name] = value
+        start = self.seq[slot]
+        writing = start + 1 if start % 2 == 0 else start
+        self.seq[slot] = writing  # odd: being written, never served
+        for name, target in self.fields.items():
+            target[slot] = values[name]
+        self.written_ns[slot] = time.monotonic_ns()
+        self.seq[slot] = writing + 1  # even and larger than before: ready
+
+    # ------------------------------------------------------------------------------------------- trainer
+    def ready_count(self) -> int:
+        """Slots that hold a complete sample with serves left."""
+        seq = self.seq.copy()
+        all_slots = np.arange(self.spec.num_slots)
+        uses = self._effective_uses(seq, all_slots)
+        return int(np.count_nonzero((seq > 0) & (seq % 2 == 0) & (uses < self.spec.max_reuse)))
+
+    def acquire(self, count: int) -> list[tuple[int, int]]:
+        """Pick up to ``count`` ready slots, fewest serves first, then oldest. Returns ``(slot, seq)``."""
+        if count <= 0:
+            return []
+        seq = self.seq.copy()
+        all_slots = np.arange(self.spec.num_slots)
+        uses = self._effective_uses(seq, all_slots)
+        candidates = np.flatnonzero((seq > 0) & (seq % 2 == 0) & (uses < self.spec.max_reuse))
+        order = np.lexsort((self.written_ns[candidates], uses[candidates]))
+        chosen = candidates[order[:count]]
+        return [(int(s), int(seq[s])) for s in chosen]
+
+    def peek(self, count: int) -> list[dict[str, np.ndarray]]:
+        """Copies of up to ``count`` ready samples, for previews; serves are not counted."""
+        samples = []
+        for slot, seq in self.acquire(count):
+            copy = {name: array[slot].copy() for name, array in self.fields.items()}
+            if self.seq[slot] == seq:
+                samples.append(copy)
+        return samples
+
+    def read(self, slot: int, seq: int, out: Mapping[str, np.ndarray]) -> bool:
+        """Copy ``slot`` (as of write ``seq``) into ``out`` field arrays; count one serve.
+
+        Returns False, and counts nothing, when the producer started overwriting the slot meanwhile:
+        the copy may be torn and the caller must discard it.
+        """
+        for name, target in out.items():
+            np.copyto(target, self.fields[name][slot])
+        if self.seq[slot] != seq:
+            self.torn += 1
+            return False
+        uses = int(self.uses[slot]) if self.uses_seq[slot] == seq else 0
+        if uses >= self.spec.max_reuse:  # only reachable if a caller reads a slot twice without acquire
+            return False
+        self.uses[slot] = uses + 1
+        self.uses_seq[slot] = seq
+        if uses == 0:
+            self.served_fresh += 1
+        else:
+            self.served_reused += 1
+        return True
+
+
+def _release(data: shared_memory.SharedMemory, control: shared_memory.SharedMemory, unlink: bool) -> None:
+    for segment in (data, control):
+        try:
+            segment.close()
+        except BufferError:
+            pass  # a NumPy view is still alive somewhere; the mapping goes with the process
+        if unlink:
+            try:
+                segment.unlink()
+            except FileNotFoundError:
+                pass

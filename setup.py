@@ -1,0 +1,31 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="onlineaug",
+    version="0.1.0",
+    description="Online diffusion-based data augmentation for PyTorch: producers generate into a "
+                "shared-memory pool, the trainer mixes on its GPU at batch time.",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["onlineaug", "onlineaug.*", "kernels", "kernels.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "numpy>=1.24",
+        "pillow>=9",
+        "tqdm>=4.60",
+        "diffusers>=0.30",
+        "transformers>=4.40",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        # triton ships with the CUDA builds of torch; kornia/timm/torchvision are the baselines and helpers
+        "kernels": ["triton>=3.0"],
+        "bench": ["kornia>=0.7", "timm>=1.0", "torchvision>=0.19", "matplotlib>=3.7"],
+        "dev": ["pytest>=8", "pytest-timeout>=2", "kornia>=0.7", "timm>=1.0", "torchvision>=0.19",
+                "matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["onlineaug=onlineaug.__main__:main"]},
+)

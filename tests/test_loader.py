@@ -1,0 +1,336 @@
+"""OnlineGenAugLoader end to end: real producer processes with the tiny generator, failures, cleanup."""
+
+import gc
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from onlineaug import OnlineGenAugLoader, ProducerError
+from onlineaug.datasets import SyntheticShapes
+from onlineaug.generators import GeneratorNotFoundError
+from onlineaug.recipes import register_recipe
+from onlineaug.recipes.diffusemix import DiffuseMix
+
+SIZE = 32
+TINY = dict(generator="tiny", generator_devices=["cpu"], image_size=SIZE, generation_size=SIZE,
+            recipe_options={"num_inference_steps": 2}, generator_batch_size=2, num_workers=0, progress=False)
+
+
+def segments_of(loader):
+    spec = loader.pool.spec
+    return [os.path.join("/dev/shm", spec.data_name), os.path.join("/dev/shm", spec.control_name)]
+
+
+def wait_until(condition, timeout=60.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return False
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return SyntheticShapes(num_classes=10, size=SIZE, length=64, seed=0)
+
+
+@pytest.mark.slow
+def test_genmix_end_to_end_with_a_real_producer(shapes):
+    loader = OnlineGenAugLoader(shapes, recipe="genmix", num_classes=10, batch_size=8, p_aug=0.5, pool_size=16,
+                                max_reuse=4, seed=0, warmup=4, **TINY)
+    with loader:
+        assert len(loader) == 8 and loader.dataset is shapes
+        batches = []
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            batches += list(loader)
+        stats = loader.stats()
+        files = segments_of(loader)
+        assert all(os.path.exists(f) for f in files)
+    assert not any(os.path.exists(f) for f in files)  # close() freed every segment
+    for images, targets in batches:
+        assert images.shape == (8, 3, SIZE, SIZE) and images.dtype == torch.float32
+        assert targets.shape == (8, 10)
+        torch.testing.assert_close(targets.sum(1), torch.ones(8))
+        assert ((targets == 0) | (targets == 1)).all()  # GenMix preserves labels: one-hot targets
+    for key in ("real", "generated", "misses", "pool_ready", "produced", "producer_restarts", "gen_images_per_s"):
+        assert key in stats
+    assert stats["real"] + stats["generated"] == 16 * 8
+    assert stats["generated"] >= 4  # warmup filled the pool before the first batch
+    assert stats["produced"] >= 4 and stats["gen_images_per_s"] > 0
+    assert stats["fresh"] + stats["reused"] == stats["generated"]
+    assert stats["producer_restarts"] == 0
+
+
+class ExplodingRecipe(DiffuseMix):
+    """A recipe whose generator step fails, to check that producer errors reach the trainer."""
+
+    name = "test-exploding"
+
+    def produce(self, pipeline, sources, *, image_size, generator):
+        raise RuntimeError("boom from inside the producer")
+
+
+register_recipe(ExplodingRecipe)
+
+
+def test_a_producer_exception_reaches_the_trainer_with_its_traceback(shapes):
+    loader = OnlineGenAugLoader(shapes, recipe="test-exploding", num_classes=10, batch_size=8, pool_size=8,
+                                warmup=1, warmup_timeout=120, **TINY)
+    with pytest.raises(ProducerError) as info:
+        with loader:
+            next(iter(loader))
+    message = str(info.value)
+    assert "producer 0 (generator device cpu) failed" in message
+    assert "boom from inside the producer" in message and "in produce" in message  # the remote traceback
+    assert loader.pool is None  # closed by the with-block
+
+
+@pytest.mark.slow
+def test_a_killed_producer_is_restarted_while_batches_keep_coming(shapes):
+    loader = OnlineGenAugLoader(shapes, recipe="genmix", num_classes=10, batch_size=8, pool_size=8, warmup=2,
+                                max_restarts=2, **TINY)
+    with loader:
+        iterator = iter(loader)
+        next(iterator)
+        old_pid = loader.producers.pids[0]
+        os.kill(old_pid, signal.SIGKILL)
+        served = 0
+        deadline = time.monotonic() + 60
+        while loader.stats()["producer_restarts"] == 0 and time.monotonic() < deadline:
+            try:
+                images, targets = next(iterator)
+            except StopIteration:
+                iterator = iter(loader)
+                continue
+            served += 1
+            assert torch.isfinite(images).all()
+        stats = loader.stats()
+        assert stats["producer_restarts"] == 1 and served >= 1
+        assert loader.producers.pids[0] != old_pid
+        produced = stats["produced"]
+        assert wait_until(lambda: loader.stats()["produced"] > produced, timeout=90)  # the new one produces
+
+
+def test_the_restart_limit_raises_a_clear_error(shapes):
+    loader = OnlineGenAugLoader(shapes, recipe="genmix", num_classes=10, batch_size=8, pool_size=8,
+                                max_restarts=0, **TINY)
+    with loader:
+        os.kill(loader.producers.pids[0], signal.SIGKILL)
+        assert wait_until(lambda: not loader.producers.is_alive(0), timeout=10)
+        with pytest.raises(RuntimeError, match=r"producer 0 .* restart limit \(0\) is used up"):
+            for _ in loader:
+                pass
+
+
+def test_segments_are_freed_on_garbage_collection(shapes):
+    loader = OnlineGenAugLoader(shapes, recipe="genmix", num_classes=10, batch_size=8, pool_size=8, **TINY)
+    loader.start()
+    files = segments_of(loader)
+    assert all(os.path.exists(f) for f in files)
+    del loader
+    gc.collect()
+    assert not any(os.path.exists(f) for f in files)
+
+
+KILLED_TRAINER = textwrap.dedent("""
+    import sys, time
+    from onlineaug import OnlineGenAugLoader
+    from onlineaug.datasets import SyntheticShapes
+    loader = OnlineGenAugLoader(SyntheticShapes(num_classes=10, size=32, length=64), recipe="genmix",
+                                num_classes=10, batch_size=8, image_size=32, generation_size=32, pool_size=8,
+                                num_workers=0, recipe_options={"num_inference_steps": 2}, progress=False)
+    loader.start()
+    spec = loader.pool.spec
+    print(spec.data_name, spec.control_name, loader.producers.pids[0], flush=True)
+    time.sleep(600)
+""")
+
+
+def test_segments_and_producers_go_away_when_the_trainer_is_killed():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    trainer = subprocess.Popen([sys.executable, "-c", KILLED_TRAINER], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        data_name, control_name, producer_pid = trainer.stdout.readline().split()
+        files = [os.path.join("/dev/shm", data_name), os.path.join("/dev/shm", control_name)]
+        assert all(os.path.exists(f) for f in files)
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait()
+
+        def producer_gone():
+            try:
+                os.kill(int(producer_pid), 0)
+            except ProcessLookupError:
+                return True
+            with open(f"/proc/{producer_pid}/stat") as stat:  # a zombie awaiting its reaper counts as gone
+                return stat.read().split()[2] == "Z"
+
+        assert wait_until(lambda: not any(os.path.exists(f) for f in files), timeout=15)
+        assert wait_until(producer_gone, timeout=15)
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+
+
+# ------------------------------------------------------------------------------------------ bad input
+class Items(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+
+def truncated_png():
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8) + 100).save(buffer, format="PNG")
+    return Image.open(io.BytesIO(buffer.getvalue()[:60]))  # header parses; pixel data is cut off
+
+
+@pytest.mark.parametrize("item, error, message", [
+    (("not an image", 1), TypeError, r"dataset item 0: expected an image .* got a str"),
+    ((torch.zeros(3, 8, 8, dtype=torch.uint8), "cat"), TypeError, r"expected an integer class label .* got a str"),
+    ((torch.zeros(3, 8, 8, dtype=torch.uint8), 12), ValueError, r"label 12 is out of range for num_classes=10"),
+    ((torch.full((3, 8, 8), 3.0), 1), ValueError, r"float image must hold values in \[0, 1\]"),
+    ((torch.zeros(5, 8, 8, dtype=torch.uint8),), TypeError, r"expected an \(image, label\) pair"),
+])
+def test_bad_dataset_items_give_clear_errors(item, error, message):
+    loader = OnlineGenAugLoader(Items([item]), recipe="none", num_classes=10, batch_size=1, image_size=8,
+                                num_workers=0)
+    with pytest.raises(error, match=message):
+        next(iter(loader))
+
+
+def test_a_corrupt_image_names_the_item():
+    loader = OnlineGenAugLoader(Items([(truncated_png(), 1)]), recipe="none", num_classes=10, batch_size=1,
+                                image_size=8, num_workers=0)
+    with pytest.raises(ValueError, match=r"dataset item 0: the image could not be decoded .*corrupt or truncated"):
+        next(iter(loader))
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(recipe="no-such-recipe"), ValueError, r"unknown recipe 'no-such-recipe'; available recipes: .*genmix"),
+    (dict(num_classes=7), ValueError, r"num_classes=7 but the dataset has 10 classes"),
+    (dict(pool_size=0), ValueError, r"pool_size must be an int >= 1, got 0"),
+    (dict(pool_size=10**9), MemoryError, r"the sample pool needs [\d,]+ bytes of shared memory"),
+    (dict(p_aug=1.5), ValueError, r"p_aug must be a probability in \[0, 1\]"),
+    (dict(device="cuda:0"), ValueError, r"asks for CUDA but torch.cuda.is_available\(\) is False"),
+    (dict(warmup=100, pool_size=10), ValueError, r"warmup=100 can never be reached with pool_size=10"),
+])
+def test_bad_loader_arguments_give_clear_errors(shapes, kwargs, error, message):
+    if kwargs.get("device", "").startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    arguments = dict(recipe="genmix", num_classes=10, batch_size=8, **TINY)
+    arguments.update(kwargs)
+    with pytest.raises(error, match=message):
+        OnlineGenAugLoader(shapes, **arguments)
+
+
+def test_a_missing_weights_folder_says_how_to_get_the_weights(shapes, tmp_path):
+    arguments = dict(TINY, generator=str(tmp_path / "no-such-pipeline"))
+    with pytest.raises(GeneratorNotFoundError, match=r"(?s)huggingface-cli download.*HF_HOME"):
+        OnlineGenAugLoader(shapes, recipe="genmix", num_classes=10, batch_size=8, **arguments)
+
+
+def test_unpicklable_datasets_are_refused_up_front():
+    class Local(Items):  # a class local to a function cannot be pickled
+        pass
+
+    dataset = Local([(torch.zeros(3, 8, 8, dtype=torch.uint8), 0)])
+    with pytest.raises(TypeError, match="the dataset must be picklable"):
+        OnlineGenAugLoader(dataset, recipe="genmix", num_classes=10, batch_size=1, **TINY)
+
+
+def test_batches_are_deterministic_by_seed_and_epoch(shapes):
+    def first_batch(seed, epoch):
+        loader = OnlineGenAugLoader(shapes, recipe="cutmix", num_classes=10, batch_size=8, image_size=SIZE,
+                                    p_aug=1.0, seed=seed, num_workers=0)
+        loader.set_epoch(epoch)
+        return next(iter(loader))
+
+    a, b = first_batch(0, 0), first_batch(0, 0)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a[0], first_batch(1, 0)[0])
+    assert not torch.equal(a[0], first_batch(0, 1)[0])
+
+
+README_SNIPPET = textwrap.dedent("""
+    import torch
+    import torch.nn.functional as F
+    from onlineaug import OnlineGenAugLoader
+    from onlineaug.datasets import SyntheticShapes
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64 * 64, 10))
+    epochs = 1
+    def soft_cross_entropy(logits, targets):
+        return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+    train_set = SyntheticShapes(num_classes=10, size=64, length=128, seed=0)   # or any map-style Dataset
+    loader = OnlineGenAugLoader(
+        train_set, recipe="genmix", num_classes=10, batch_size=64, image_size=64,
+        generator="tiny",                  # or "timbrooks/instruct-pix2pix", or a local folder
+        device="cpu", generator_devices=["cpu"],   # e.g. device="cuda:0", generator_devices=["cuda:1", "cuda:2"]
+        p_aug=0.5, pool_size=256, max_reuse=8, num_workers=2, seed=0)
+    with loader:
+        for epoch in range(epochs):
+            loader.set_epoch(epoch)
+            for images, targets in loader:     # images: float (B,3,64,64) normalized, on `device`
+                loss = soft_cross_entropy(model(images), targets)   # targets: (B,10) soft labels, rows sum to 1
+                assert images.shape == (64, 3, 64, 64) and torch.allclose(targets.sum(1), torch.ones(64))
+        print(loader.stats())
+""")
+
+MAIN_DATASET = textwrap.dedent("""
+    import torch
+    from onlineaug import OnlineGenAugLoader
+
+    class Plain(torch.utils.data.Dataset):   # defined in the script: producers must import the script
+        def __len__(self):
+            return 16
+        def __getitem__(self, index):
+            return torch.full((3, 32, 32), index * 10, dtype=torch.uint8), index % 4
+
+    if __name__ == "__main__":
+        loader = OnlineGenAugLoader(Plain(), recipe="diffusemix", num_classes=4, batch_size=4, image_size=32,
+                                    generation_size=32, recipe_options={"num_inference_steps": 1}, warmup=2,
+                                    num_workers=0, pool_size=4, progress=False)
+        with loader:
+            next(iter(loader))
+            print("produced", loader.stats()["produced"])
+""")
+
+
+def run_script(tmp_path, source, timeout=240):
+    script = tmp_path / "train.py"
+    script.write_text(source)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_the_readme_snippet_runs_as_written_without_a_main_guard(tmp_path):
+    result = run_script(tmp_path, README_SNIPPET)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "'generated'" in result.stdout and "'misses'" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_dataset_defined_in_the_users_script_reaches_the_producers(tmp_path):
+    result = run_script(tmp_path, MAIN_DATASET)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout.split("produced")[-1]) >= 2

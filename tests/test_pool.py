@@ -1,0 +1,170 @@
+"""The shared-memory pool: slot state machine, seqlock reads, reuse limits, capacity checks, cleanup."""
+
+import gc
+import multiprocessing as mp
+import os
+import time
+
+import numpy as np
+import pytest
+
+from onlineaug import pool as pool_module
+from onlineaug.pool import Field, SamplePool
+
+FIELDS = {"image": Field((3, 8, 8), "uint8"), "label": Field((), "int64")}
+
+
+def segment_exists(name: str) -> bool:
+    return os.path.exists(os.path.join("/dev/shm", name))
+
+
+@pytest.fixture
+def pool():
+    p = SamplePool.create(FIELDS, num_slots=6, num_producers=2, max_reuse=3)
+    yield p
+    p.close()
+
+
+def payload(value: int):
+    return {"image": np.full((3, 8, 8), value % 256, np.uint8), "label": np.int64(value)}
+
+
+def out_buffers():
+    return {"image": np.zeros((3, 8, 8), np.uint8), "label": np.zeros((), np.int64)}
+
+
+def test_write_then_read_round_trip(pool):
+    pool.write(0, payload(7))
+    [(slot, seq)] = pool.acquire(1)
+    out = out_buffers()
+    assert slot == 0 and seq == 2
+    assert pool.read(slot, seq, out)
+    assert (out["image"] == 7).all() and out["label"] == 7
+
+
+def test_never_written_and_half_written_slots_are_never_served(pool):
+    assert pool.acquire(6) == []
+    pool.write(2, payload(1))
+    pool.seq[4] = 3  # a producer died mid-write: odd sequence number
+    assert [s for s, _ in pool.acquire(6)] == [2]
+    assert pool.ready_count() == 1
+
+
+def test_a_slot_is_served_at_most_max_reuse_times_per_write(pool):
+    pool.write(0, payload(1))
+    served = 0
+    for _ in range(10):
+        for slot, seq in pool.acquire(1):
+            served += pool.read(slot, seq, out_buffers())
+    assert served == pool.spec.max_reuse == 3
+    assert pool.served_fresh == 1 and pool.served_reused == 2
+    pool.write(0, payload(2))  # a new write resets the count
+    assert pool.ready_count() == 1
+    [(slot, seq)] = pool.acquire(1)
+    assert pool.read(slot, seq, out_buffers()) and pool.served_fresh == 2
+
+
+def test_read_detects_a_write_that_started_during_the_copy(pool):
+    pool.write(0, payload(1))
+    [(slot, seq)] = pool.acquire(1)
+    pool.seq[slot] += 1  # the producer starts overwriting the slot
+    assert not pool.read(slot, seq, out_buffers())
+    assert pool.torn == 1 and pool.served_fresh == 0
+
+
+def test_acquire_prefers_the_least_used_then_the_oldest(pool):
+    for slot in (0, 2, 4):
+        pool.write(slot, payload(slot))
+    [(first, seq)] = pool.acquire(1)
+    assert first == 0  # all unused: the oldest first
+    pool.read(first, seq, out_buffers())
+    assert [s for s, _ in pool.acquire(3)] == [2, 4, 0]
+
+
+def test_producers_overwrite_empty_then_exhausted_then_most_used_then_oldest(pool):
+    rank0 = [0, 2, 4]
+    assert list(pool.slots_of(0)) == rank0 and list(pool.slots_of(1)) == [1, 3, 5]
+    assert list(pool.choose_slots_to_write(0, 3)) == rank0  # all empty: slot order
+    for slot in rank0:
+        pool.write(slot, payload(slot))
+    # slot 2 used twice, slot 4 once, slot 0 never: most used first, then by age
+    for slot, times in ((2, 2), (4, 1)):
+        for _ in range(times):
+            pool.read(slot, int(pool.seq[slot]), out_buffers())
+    assert list(pool.choose_slots_to_write(0, 3)) == [2, 4, 0]
+    for _ in range(3):
+        pool.read(4, int(pool.seq[4]), out_buffers())  # slot 4 now exhausted (3 uses)
+    assert list(pool.choose_slots_to_write(0, 1)) == [4]
+    pool.seq[0] += 1  # abandoned mid-write: first of all
+    assert list(pool.choose_slots_to_write(0, 1)) == [0]
+
+
+def _hammer(spec, rounds):
+    attached = SamplePool.attach(spec)
+    for value in range(1, rounds + 1):
+        for slot in attached.slots_of(0):
+            attached.write(int(slot), payload(value))
+    attached.close()
+
+
+def test_concurrent_writer_never_yields_a_torn_or_over_served_read():
+    p = SamplePool.create(FIELDS, num_slots=4, num_producers=1, max_reuse=2)
+    try:
+        writer = mp.get_context("spawn").Process(target=_hammer, args=(p.spec, 20000))
+        writer.start()
+        serves: dict[tuple[int, int], int] = {}
+        accepted = 0
+        deadline = time.monotonic() + 60
+        while writer.is_alive() and time.monotonic() < deadline:
+            for slot, seq in p.acquire(4):
+                out = out_buffers()
+                if p.read(slot, seq, out):
+                    accepted += 1
+                    # every byte of an accepted read comes from one write
+                    assert (out["image"] == out["image"].flat[0]).all()
+                    assert out["image"].flat[0] == out["label"] % 256
+                    serves[(slot, seq)] = serves.get((slot, seq), 0) + 1
+        writer.join()
+        assert writer.exitcode == 0
+        assert accepted > 0
+        assert max(serves.values()) <= 2
+    finally:
+        p.close()
+
+
+def test_capacity_check_names_the_bytes_and_the_fix(monkeypatch):
+    monkeypatch.setattr(pool_module, "shm_free_bytes", lambda path="/dev/shm": 1000)
+    with pytest.raises(MemoryError, match=r"needs [\d,]+ bytes .*pool_size=6 slots.*--shm-size"):
+        SamplePool.create(FIELDS, num_slots=6, num_producers=1, max_reuse=1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_slots=0, num_producers=1, max_reuse=1), "pool_size must be >= 1"),
+    (dict(num_slots=2, num_producers=3, max_reuse=1), "smaller than the number of producers"),
+    (dict(num_slots=2, num_producers=1, max_reuse=0), "max_reuse must be >= 1"),
+])
+def test_bad_pool_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplePool.create(FIELDS, **kwargs)
+
+
+def test_close_and_garbage_collection_remove_the_segments():
+    p = SamplePool.create(FIELDS, num_slots=2, num_producers=1, max_reuse=1)
+    names = (p.spec.data_name, p.spec.control_name)
+    assert all(segment_exists(n) for n in names)
+    p.close()
+    p.close()  # idempotent
+    assert not any(segment_exists(n) for n in names)
+
+    p = SamplePool.create(FIELDS, num_slots=2, num_producers=1, max_reuse=1)
+    names = (p.spec.data_name, p.spec.control_name)
+    del p
+    gc.collect()
+    assert not any(segment_exists(n) for n in names)
+
+
+def test_write_rejects_a_payload_of_the_wrong_shape(pool):
+    with pytest.raises(ValueError, match="'image' has shape \\(3, 4, 4\\), the pool expects \\(3, 8, 8\\)"):
+        pool.write(0, {"image": np.zeros((3, 4, 4), np.uint8), "label": np.int64(0)})
+    with pytest.raises(KeyError, match="missing pool fields \\['label'\\]"):
+        pool.write(0, {"image": np.zeros((3, 8, 8), np.uint8)})
