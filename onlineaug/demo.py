@@ -56,23 +56,30 @@ def _batches(loader, steps: int):
 
 
 def train(loader, steps: int, *, num_classes: int, device: torch.device, seed: int, desc: str,
-          prepare=None, progress: bool = True) -> dict:
-    """Train a fresh small CNN for ``steps`` steps; returns wall time and the final loss."""
+          prepare=None, progress: bool = True, untimed_steps: int = 5) -> dict:
+    """Train a fresh small CNN for ``untimed_steps + steps`` steps; time the last ``steps``.
+
+    The untimed steps absorb one-off start-up (DataLoader workers, first allocations) in both runs.
+    """
     torch.manual_seed(seed)
     model = small_cnn(num_classes).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress)
+    bar = tqdm(total=untimed_steps + steps, desc=desc, unit="step", disable=not progress)
     losses = []
     start = time.perf_counter()
-    for batch in _batches(loader, steps):
+    for step, batch in enumerate(_batches(loader, untimed_steps + steps)):
+        if step == untimed_steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
         images, targets = prepare(batch) if prepare else batch
         loss = soft_cross_entropy(model(images), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.detach().item())
         bar.update(1)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -191,7 +198,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     served = stats["real"] + stats["generated"]
     print()
-    print(f"onlineaug demo: {args.steps} steps, batch {args.batch_size}, {args.image_size}px SyntheticShapes, "
+    print(f"onlineaug demo: {args.steps} timed steps (after 5 untimed), batch {args.batch_size}, {args.image_size}px SyntheticShapes, "
           f"trainer {args.device}, generator {args.generator} on {', '.join(args.generator_device or ['cpu'])}")
     print(_table([
         ("vanilla steps/s", f"{vanilla['steps_per_s']:.2f}  ({vanilla['seconds']:.1f} s)"),
