@@ -22,6 +22,7 @@ import torch
 
 import kernels
 from kernels.concat_blend import SPLIT_LEFT_RIGHT, SPLIT_NONE, SPLIT_TOP_BOTTOM
+from kernels.box_mix import sample_boxes
 from onlineaug.seeding import sample_beta
 
 SPLITS = {"top_bottom": SPLIT_TOP_BOTTOM, "left_right": SPLIT_LEFT_RIGHT}
@@ -41,13 +42,6 @@ def _check_split(split: str) -> int:
     return SPLITS[split]
 
 
-def _ramp(length: int, blend_width: float, device) -> torch.Tensor:
-    u = torch.arange(length, device=device, dtype=torch.float32) + 0.5 - length / 2
-    if blend_width > 0:
-        return (u / blend_width + 0.5).clamp_(0, 1)
-    return (u >= 0).to(torch.float32)
-
-
 def smooth_mask(height: int, width: int, *, split: str, flip: bool = False, blend_width: float = 0.0,
                 device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The (H, W) weight of the generated image in a DiffuseMix/GenMix hybrid.
@@ -62,13 +56,8 @@ def smooth_mask(height: int, width: int, *, split: str, flip: bool = False, blen
         raise ValueError(f"mask size must be positive, got {height}x{width}")
     if blend_width < 0:
         raise ValueError(f"blend_width must be >= 0 pixels, got {blend_width}")
-    if code == SPLIT_TOP_BOTTOM:
-        mask = _ramp(height, blend_width, device)[:, None].expand(height, width)
-    else:
-        mask = _ramp(width, blend_width, device)[None, :].expand(height, width)
-    if flip:
-        mask = 1 - mask
-    return mask.to(dtype).contiguous()
+    mask = kernels.smooth_mask_reference(height, width, code, bool(flip), float(blend_width), device=device)
+    return mask[0, 0].to(dtype)
 
 
 def concat_blend(original: torch.Tensor, generated: torch.Tensor, mask: torch.Tensor, fractal: torch.Tensor,
@@ -165,7 +154,7 @@ def sample_box_mix_params(active: torch.Tensor, height: int, width: int, *, alph
     sample, at a uniform centre; inactive samples get an empty box."""
     device, size = active.device, active.shape[0]
     lam = sample_beta(alpha, alpha, size, generator) if alpha > 0 else torch.ones(size, device=device)
-    boxes = kernels.sample_boxes(size, height, width, lam, generator=generator)
+    boxes = sample_boxes(size, height, width, lam, generator=generator)
     boxes = torch.where(active[:, None], boxes, torch.zeros_like(boxes))
     return BoxMixParams(partner=_partners(size, generator, device), boxes=boxes)
 
