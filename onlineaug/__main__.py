@@ -10,18 +10,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m onlineaug", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from onlineaug import demo
+    from onlineaug import demo, plan
 
-    demo_parser = commands.add_parser("demo", help="train a small CNN vanilla and with online GenMix; compare")
-    demo.add_arguments(demo_parser)
-
-    try:
-        from onlineaug import plan
-    except ImportError:  # pragma: no cover - plan lands with the benchmarks
-        plan = None
-    if plan is not None:
-        plan_parser = commands.add_parser("plan", help="how many GPUs should generate for a given trainer")
-        plan.add_arguments(plan_parser)
+    demo.add_arguments(commands.add_parser("demo", help="train a small CNN vanilla and with online GenMix; compare"))
+    plan.add_arguments(commands.add_parser("plan", help="how many GPUs should generate for a given trainer"))
 
     args = parser.parse_args(argv)
     if args.command == "demo":

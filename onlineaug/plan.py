@@ -1,0 +1,353 @@
+"""``python -m onlineaug plan``: how many GPUs should generate for a given trainer.
+
+The model, from two measured rates (``R_train``: images/s of one trainer GPU; ``R_gen``: images/s of one
+generator GPU) and a target (``p_aug``: share of generated samples per batch; ``max_reuse``: serves per
+generated sample), with ``T`` trainer GPUs and ``G`` generator GPUs:
+
+* demand ``D = p_aug x R_train x T``: generated samples the trainers serve per second;
+* needed fresh rate ``N = D / max_reuse``: with fewer fresh samples some would be served more than
+  ``max_reuse`` times;
+* ``G = ceil(N / R_gen)`` (the exact ratio ``N / R_gen`` is reported too); fresh rate ``F = G x R_gen``;
+* GPU-hour overhead ``G / T``: extra generator GPU-hours per trainer GPU-hour;
+* with ``G`` fixed by the user (``--generator-gpus``): average reuse ``min(max_reuse, D / F)`` and the generated
+  share the pool can sustain, ``min(p_aug, F x max_reuse / (R_train x T))``; the rest are misses (real samples).
+
+``--measure`` measures both rates first on the devices at hand (``benchmarks/generator.py`` for ``R_gen``, the
+vanilla run of ``benchmarks/overhead.py`` for ``R_train``; a source checkout is needed), ``--quick`` with their
+CPU smoke settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import math
+import numbers
+import platform
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+IN_CHECKOUT = (REPO_ROOT / "benchmarks").is_dir()
+DEFAULT_TABLE_P_AUG = (0.25, 0.5, 1.0)
+DEFAULT_TABLE_MAX_REUSE = (1, 4, 8, 16)
+
+
+# ------------------------------------------------------------------------------------------------ model
+def _positive_rate(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number of images/s, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of images/s, got {value}; measure it with --measure "
+                         f"or the benchmarks in benchmarks/")
+    return value
+
+
+def _int_at_least(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def plan(trainer_images_per_s: float, producer_images_per_s: float, *, p_aug: float, max_reuse: int,
+         trainer_gpus: int = 1, generator_gpus: int | None = None) -> dict:
+    """Generator GPUs for ``trainer_gpus`` trainers: the model in the module docstring.
+
+    Args:
+        trainer_images_per_s: images/s one trainer GPU consumes (``R_train``).
+        producer_images_per_s: images/s one generator GPU produces (``R_gen``).
+        p_aug: share of generated samples per batch, in [0, 1].
+        max_reuse: serves allowed per generated sample (>= 1).
+        trainer_gpus: trainer GPUs (``T``).
+        generator_gpus: fix ``G`` instead of computing it; the result then says what that sustains.
+    """
+    r_train = _positive_rate("trainer_images_per_s", trainer_images_per_s)
+    r_gen = _positive_rate("producer_images_per_s", producer_images_per_s)
+    if isinstance(p_aug, bool) or not isinstance(p_aug, numbers.Real) or not 0 <= p_aug <= 1:
+        raise ValueError(f"p_aug must be a probability in [0, 1], got {p_aug!r}")
+    max_reuse = _int_at_least("max_reuse", max_reuse, 1)
+    trainers = _int_at_least("trainer_gpus", trainer_gpus, 1)
+    consumed = r_train * trainers  # images/s all trainers take in
+    demand = p_aug * consumed  # generated samples served per second
+    needed = demand / max_reuse  # fresh samples per second
+    exact = needed / r_gen
+    if generator_gpus is None:
+        # round() first: 5.000000000001 from float division must not become 6 GPUs
+        gpus = math.ceil(round(exact, 9))
+        given = False
+    else:
+        gpus = _int_at_least("generator_gpus", generator_gpus, 0)
+        given = True
+    fresh = gpus * r_gen
+    sustained_share = min(float(p_aug), fresh * max_reuse / consumed)
+    if demand == 0:
+        reuse = 0.0
+    elif fresh == 0:
+        reuse = None  # nothing is generated: every wanted sample is a miss
+    else:
+        reuse = min(float(max_reuse), demand / fresh)
+    return {
+        "trainer_images_per_s": r_train,
+        "producer_images_per_s": r_gen,
+        "p_aug": float(p_aug),
+        "max_reuse": max_reuse,
+        "trainer_gpus": trainers,
+        "demand_images_per_s": demand,
+        "needed_fresh_images_per_s": needed,
+        "generator_gpus_exact": exact,
+        "generator_gpus": gpus,
+        "generator_gpus_given": given,
+        "generator_per_trainer_gpu": gpus / trainers,
+        "ratio": f"{gpus}:{trainers}",
+        "fresh_images_per_s": fresh,
+        "fresh_share_of_needed": fresh / needed if needed else None,
+        "average_reuse": reuse,
+        "generated_share": sustained_share,
+        "miss_share": float(p_aug) - sustained_share,
+        "gpu_hour_overhead": gpus / trainers,
+        "total_gpu_hours_per_trainer_gpu_hour": 1 + gpus / trainers,
+        "sufficient": sustained_share >= float(p_aug) - 1e-12,
+    }
+
+
+def plan_table(trainer_images_per_s: float, producer_images_per_s: float, *, trainer_gpus: int = 1,
+               p_augs=DEFAULT_TABLE_P_AUG, max_reuses=DEFAULT_TABLE_MAX_REUSE) -> list[dict]:
+    """:func:`plan` over every (p_aug, max_reuse) pair."""
+    return [plan(trainer_images_per_s, producer_images_per_s, p_aug=p, max_reuse=m, trainer_gpus=trainer_gpus)
+            for p in p_augs for m in max_reuses]
+
+
+# ------------------------------------------------------------------------------------------------- text
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _table(columns, rows) -> str:
+    cells = [[_fmt(v) for v in row] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+TABLE_COLUMNS = ("p_aug", "max_reuse", "needed fresh img/s", "exact G", "G", "G:T", "fresh img/s", "avg reuse",
+                 "generated share", "GPU-h overhead")
+
+
+def table_rows(rows: list[dict]) -> list[list]:
+    return [[r["p_aug"], r["max_reuse"], r["needed_fresh_images_per_s"], r["generator_gpus_exact"],
+             r["generator_gpus"], r["ratio"], r["fresh_images_per_s"], r["average_reuse"],
+             f"{r['generated_share'] * 100:.1f}%", f"{r['gpu_hour_overhead'] * 100:.0f}%"] for r in rows]
+
+
+def format_plan(result: dict) -> str:
+    r = result
+    lines = [
+        f"trainer: {r['trainer_gpus']} GPU(s) at {_fmt(r['trainer_images_per_s'])} images/s each; "
+        f"producer: {_fmt(r['producer_images_per_s'])} images/s per generator GPU",
+        f"target: p_aug = {r['p_aug']:g} generated per batch, each generated sample served at most "
+        f"{r['max_reuse']} times",
+        f"  demand       = p_aug x R_train x T          = {_fmt(r['demand_images_per_s'])} generated serves/s",
+        f"  needed fresh = demand / max_reuse           = {_fmt(r['needed_fresh_images_per_s'])} images/s",
+        f"  generator GPUs = needed / R_gen             = {r['generator_gpus_exact']:.3g} -> "
+        f"{'G = ' + str(r['generator_gpus']) + (' (given)' if r['generator_gpus_given'] else ' (ceil)')}",
+        f"  fresh rate   = G x R_gen                    = {_fmt(r['fresh_images_per_s'])} images/s",
+        f"  average reuse                               = {_fmt(r['average_reuse'])} (max {r['max_reuse']})",
+        f"  generated share sustained                   = {r['generated_share'] * 100:.1f}% "
+        f"(misses {r['miss_share'] * 100:.1f}% of samples)",
+        f"  generator:trainer GPUs = {r['ratio']}; GPU-hour overhead = G / T = {r['gpu_hour_overhead'] * 100:.0f}% "
+        f"(total {r['total_gpu_hours_per_trainer_gpu_hour']:.3g} GPU-h per trainer GPU-h)",
+    ]
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n\n")[0]
+    parser.add_argument("--trainer-images-per-s", type=float, default=None,
+                        help="images/s one trainer GPU consumes (measured with --measure if not given)")
+    parser.add_argument("--producer-images-per-s", type=float, default=None,
+                        help="images/s one generator GPU produces (measured with --measure if not given)")
+    parser.add_argument("--p-aug", type=float, default=0.5, help="share of generated samples per batch")
+    parser.add_argument("--max-reuse", type=int, default=8, help="serves per generated sample")
+    parser.add_argument("--trainer-gpus", type=int, default=1)
+    parser.add_argument("--generator-gpus", type=int, default=None,
+                        help="fix the generator GPUs; the plan then says what they sustain")
+    parser.add_argument("--table-p-aug", type=float, nargs="+", default=list(DEFAULT_TABLE_P_AUG))
+    parser.add_argument("--table-max-reuse", type=int, nargs="+", default=list(DEFAULT_TABLE_MAX_REUSE))
+    parser.add_argument("--measure", action="store_true",
+                        help="measure both rates first (benchmarks/generator.py and benchmarks/overhead.py)")
+    parser.add_argument("--quick", action="store_true", help="with --measure: the benchmarks' CPU smoke settings")
+    parser.add_argument("--device", default=None,
+                        help="with --measure: the trainer's device (default: cuda:0 if available, else cpu)")
+    parser.add_argument("--generator-device", default=None,
+                        help="with --measure: the generator's device (default: cuda:1 with 2+ GPUs, else the "
+                             "trainer's)")
+    parser.add_argument("--generator", default=None,
+                        help="with --measure: the generator benchmark's weights (default: its own, full-random on "
+                             "CUDA, tiny on CPU)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "plan.json") if IN_CHECKOUT
+                        else None, help="JSON file to write (default benchmarks/results/plan.json in a checkout)")
+    parser.add_argument("--results-md", default=str(REPO_ROOT / "benchmarks" / "RESULTS.md") if IN_CHECKOUT
+                        else None, help='with --measure: RESULTS.md to append to ("" to skip)')
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _benchmark_module(name: str):
+    """``benchmarks.<name>`` from the source checkout (the benchmarks are not part of the installed package)."""
+    if not (REPO_ROOT / "benchmarks" / f"{name}.py").is_file():
+        raise RuntimeError(f"--measure runs benchmarks/{name}.py, which needs a source checkout of onlineaug "
+                           f"(benchmarks/ beside onlineaug/); or pass --trainer-images-per-s and "
+                           f"--producer-images-per-s measured elsewhere")
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))  # spawned DataLoader workers and producers inherit sys.path
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+def _measure_devices(args) -> tuple[str, str]:
+    import torch
+
+    if args.device is not None:
+        trainer = args.device
+    else:
+        trainer = "cuda:0" if torch.cuda.is_available() else "cpu"
+    if args.generator_device is not None:
+        return trainer, args.generator_device
+    if trainer.startswith("cuda") and torch.cuda.device_count() > 1:
+        index = torch.device(trainer).index or 0
+        return trainer, f"cuda:{1 if index == 0 else 0}"
+    return trainer, trainer
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Run the generator and overhead benchmarks here; return both rates and the two results."""
+    generator_bench = _benchmark_module("generator")
+    overhead_bench = _benchmark_module("overhead")
+    trainer_device, generator_device = _measure_devices(args)
+    progress = not args.no_progress
+    quick = ["--quick"] if args.quick else []
+
+    argv = [*quick, "--device", generator_device]
+    if args.generator:
+        argv += ["--generator", args.generator]
+    generated = generator_bench.benchmark(generator_bench.build_parser().parse_args(argv), progress=progress)
+    # The trainer's rate: the vanilla run (an upper bound of what an augmented trainer consumes); the GenMix run
+    # beside it shows the loader keeping up with the pool.
+    argv = [*quick, "--device", trainer_device, "--generator-device", generator_device, "--recipes", "genmix",
+            "--baselines", "--no-repeat-vanilla", "--p-aug", str(args.p_aug), "--max-reuse", str(args.max_reuse)]
+    trained = overhead_bench.benchmark(overhead_bench.build_parser().parse_args(argv), progress=progress)
+    return {
+        "trainer_images_per_s": trained["vanilla_images_per_s"],
+        "producer_images_per_s": generated["images_per_s"],
+        "trainer_device": trainer_device,
+        "generator_device": generator_device,
+        "generator": generated,
+        "overhead": trained,
+    }
+
+
+def _environment(*devices) -> dict:
+    try:
+        common = _benchmark_module("common")
+    except (RuntimeError, ImportError):
+        common = None
+    if common is not None:
+        return common.environment(*devices) if devices else common.environment()
+    import torch
+
+    import onlineaug
+
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "onlineaug": onlineaug.__version__}}
+
+
+def _write_json(path, data: dict) -> Path:
+    if IN_CHECKOUT:
+        return _benchmark_module("common").write_json(path, data)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    return path
+
+
+def run_plan(args: argparse.Namespace) -> dict:
+    """The ``plan`` command: (measure,) plan, print, write JSON (and a RESULTS.md block after measuring)."""
+    measured = None
+    trainer_rate, producer_rate = args.trainer_images_per_s, args.producer_images_per_s
+    if args.measure:
+        measured = measure(args)
+        trainer_rate = trainer_rate or measured["trainer_images_per_s"]
+        producer_rate = producer_rate or measured["producer_images_per_s"]
+    elif args.quick:
+        raise SystemExit("plan: --quick only applies with --measure")
+    if trainer_rate is None or producer_rate is None:
+        raise SystemExit("plan: give --trainer-images-per-s and --producer-images-per-s (images/s of one trainer GPU "
+                         "and of one generator GPU), or --measure to measure them on this machine")
+    try:
+        result = plan(trainer_rate, producer_rate, p_aug=args.p_aug, max_reuse=args.max_reuse,
+                      trainer_gpus=args.trainer_gpus, generator_gpus=args.generator_gpus)
+        table = plan_table(trainer_rate, producer_rate, trainer_gpus=args.trainer_gpus, p_augs=args.table_p_aug,
+                           max_reuses=args.table_max_reuse)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"plan: {error}") from None
+
+    settings = {key: value for key, value in vars(args).items() if key not in ("command",)}
+    devices = (measured["trainer_device"], measured["generator_device"]) if measured else ()
+    output = {"benchmark": "plan", **_environment(*devices), "settings": settings, "plan": result, "table": table}
+    if measured:
+        output["measured"] = {
+            "trainer_images_per_s": measured["trainer_images_per_s"], "trainer_device": measured["trainer_device"],
+            "producer_images_per_s": measured["producer_images_per_s"],
+            "generator_device": measured["generator_device"],
+            "generator": measured["generator"], "overhead": measured["overhead"]}
+
+    print()
+    if measured:
+        g, o = measured["generator"], measured["overhead"]
+        gs, os_ = g["settings"], o["settings"]
+        print(f"measured producer: {measured['producer_images_per_s']:.3g} images/s on {g['device']} "
+              f"({g['weights']['label']}; {gs['task']}, {gs['size']} px, {gs['steps']} steps, batch "
+              f"{g['best']['batch_size']})")
+        print(f"measured trainer:  {measured['trainer_images_per_s']:.3g} images/s on {o['device']} "
+              f"({os_['model']}, batch {os_['batch_size']}, {os_['image_size']} px, vanilla)")
+        genmix = o["A_O"].get("onlineaug genmix")
+        if genmix is not None:
+            print(f"online GenMix on that trainer: A_O {genmix * 100:+.1f}%")
+    print(format_plan(result))
+    print()
+    print(f"for other targets ({args.trainer_gpus} trainer GPU(s)):")
+    print(_table(TABLE_COLUMNS, table_rows(table)))
+
+    if args.out:
+        print(f"wrote {_write_json(args.out, output)}")
+    if measured and args.results_md:
+        common = _benchmark_module("common")
+        columns = ("trainer img/s", "producer img/s", "p_aug", "max_reuse", "T", "exact G", "G", "fresh img/s",
+                   "avg reuse", "generated share", "GPU-h overhead")
+        row = [result["trainer_images_per_s"], result["producer_images_per_s"], result["p_aug"], result["max_reuse"],
+               result["trainer_gpus"], result["generator_gpus_exact"], result["generator_gpus"],
+               result["fresh_images_per_s"], result["average_reuse"], common.format_percent(result["generated_share"]),
+               common.format_percent(result["gpu_hour_overhead"])]
+        g = measured["generator"]
+        notes = [f"producer rate: {g['weights']['label']}, {g['settings']['task']} {g['settings']['size']} px "
+                 f"{g['settings']['steps']} steps on {measured['generator_device']}",
+                 f"trainer rate: vanilla {measured['overhead']['settings']['model']} on {measured['trainer_device']}"]
+        path = common.append_results_md(args.results_md, "plan (measured here)", columns, [row], env=output,
+                                        settings={k: settings[k] for k in ("p_aug", "max_reuse", "trainer_gpus",
+                                                                           "generator_gpus", "quick")},
+                                        notes=notes)
+        print(f"appended to {path}")
+    return output

@@ -1,0 +1,212 @@
+"""Smoke runs of the benchmarks (tiny generator, few steps) and their output, plus the shared helpers.
+
+The smoke runs write to ``tmp_path`` (``--out``, ``--results-md``): never to ``benchmarks/RESULTS.md``.
+They follow ``pytest --device``: on CUDA the generator benchmark also reports MFU (for GPUs in the peak table).
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package; spawned producers inherit sys.path
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import common  # noqa: E402
+
+ENV_FIELDS = ("device", "versions", "settings", "date")
+
+
+def _check_environment(data: dict) -> None:
+    for key in ENV_FIELDS:
+        assert key in data, key
+    assert data["versions"]["torch"] == torch.__version__
+    assert data["versions"]["diffusers"] and data["versions"]["python"]
+
+
+# ------------------------------------------------------------------------------------------------- common
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.4e12),
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H200", 989.4e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA L40S", 362e12),
+    ("NVIDIA GeForce GTX 1080", None),
+])
+def test_peak_table(name, peak):
+    assert common.lookup_peak(name)[0] == peak
+
+
+def test_no_peak_on_cpu_or_fp32():
+    assert common.peak_flops("cpu", torch.float16)[0] is None
+    if torch.cuda.is_available():
+        assert common.peak_flops("cuda", torch.float32)[0] is None
+
+
+def test_environment_fields():
+    env = common.environment("cpu")
+    for key in ("date", "device", "versions", "cpu_count"):
+        assert key in env
+    for package in ("torch", "diffusers", "transformers", "timm", "torchvision", "kornia", "python"):
+        assert package in env["versions"]
+
+
+def test_write_json_turns_nan_into_null(tmp_path):
+    path = common.write_json(tmp_path / "sub" / "x.json", {"a": math.nan, "b": [1.5, math.inf], "c": torch.float16})
+    assert json.loads(path.read_text()) == {"a": None, "b": [1.5, None], "c": "torch.float16"}
+
+
+def test_append_results_md_creates_the_header_then_appends(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    env = {"date": "2026-01-01T00:00:00", "device": "test device", "versions": {"torch": "9.9"}, "cpu_count": 2}
+    for i in range(2):
+        common.append_results_md(path, f"run {i}", ("provider", "images/s"), [["ours", 12.345], ["base", None]],
+                                 env=env, settings={"size": 64, "batch_sizes": [1, 2]}, notes=["a note"])
+    text = path.read_text()
+    assert text.count("# Benchmark results") == 1
+    assert "## run 0 (2026-01-01T00:00:00)" in text and "## run 1" in text
+    assert "test device" in text and "torch 9.9" in text and "batch_sizes=1 2" in text and "note: a note" in text
+    assert "| ours | 12.3 |" in text and "| base | n/a |" in text
+    assert common.append_results_md(None, "skipped", ("a",), [[1]], env=env, settings={}) is None
+
+
+def test_generator_settings_are_validated():
+    from benchmarks import generator
+
+    parse = generator.build_parser().parse_args
+    with pytest.raises(ValueError, match="multiple of 16"):
+        generator.resolve_settings(parse(["--quick", "--size", "40"]))
+    with pytest.raises(ValueError, match="strength"):
+        generator.resolve_settings(parse(["--quick", "--task", "img2img", "--steps", "1", "--strength", "0.5"]))
+    settings = generator.resolve_settings(parse(["--quick", "--device", "cpu"]))
+    assert settings["generator"] == "tiny" and settings["compile"] is False and settings["threads"] == 1
+
+
+def test_overhead_settings_are_validated():
+    from benchmarks import overhead
+
+    parse = overhead.build_parser().parse_args
+    with pytest.raises(ValueError, match="even batch size"):
+        overhead.resolve_settings(parse(["--quick", "--batch-size", "31"]))
+    with pytest.raises(ValueError, match="exceeds"):
+        overhead.resolve_settings(parse(["--quick", "--warmup", "100", "--pool-size", "16"]))
+    settings = overhead.resolve_settings(parse(["--quick", "--device", "cpu"]))
+    assert settings["model"] == "small-cnn" and settings["generator_devices"] == ["cpu"]
+
+
+def test_cached_images_are_not_pickled():
+    import pickle
+
+    from benchmarks.overhead import CachedImages
+
+    dataset = CachedImages(num_classes=1000, size=16, length=50, cache=4)
+    image, label = dataset[45]
+    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and label == 45
+    assert torch.equal(image, dataset[1][0])  # cycles over the cache
+    clone = pickle.loads(pickle.dumps(dataset))
+    assert clone._images is None and torch.equal(clone[45][0], image)
+
+
+# --------------------------------------------------------------------------------------------- smoke runs
+@pytest.mark.slow
+def test_generator_smoke(tmp_path, device, capsys):
+    from benchmarks import generator
+
+    md = tmp_path / "RESULTS.md"
+    result = generator.main(["--quick", "--device", str(device), "--size", "32", "--steps", "2", "--batch-sizes",
+                             "1", "2", "--repeats", "1", "--baseline-images", "2", "--out", str(tmp_path),
+                             "--results-md", str(md)])
+    data = json.loads((tmp_path / "generator_instruct-pix2pix.json").read_text())
+    assert (tmp_path / "generator_instruct-pix2pix.png").stat().st_size > 0
+    _check_environment(data)
+    assert data["images_per_s"] == pytest.approx(result["images_per_s"]) and data["images_per_s"] > 0
+    assert data["images_per_gpu_hour"] == pytest.approx(3600 * data["images_per_s"])
+    assert data["speedup_vs_baseline"] == pytest.approx(data["images_per_s"] / data["baseline_images_per_s"])
+    assert data["weights"]["random"] and "tiny" in data["weights"]["label"]
+    if device.type == "cpu":
+        assert data["mfu"] is None and data["peak_flops"] is None
+    else:
+        assert (data["mfu"] is None) == (data["peak_flops"] is None)
+    rows = [data["baseline"], *data["ours"]]
+    assert [r["batch_size"] for r in rows] == [1, 1, 2]
+    for row in rows:
+        # InstructPix2Pix's guidance runs the UNet on 3 copies of each latent, once per step
+        assert row["unet_batch_per_image"] == 3 and row["unet_forwards_per_call"] == 2
+        assert row["unet_flops_per_image"] == pytest.approx(rows[0]["unet_flops_per_image"])  # linear in batch
+        assert row["unet_flops_per_image"] > 0
+    text = md.read_text()
+    assert text.count("| ours (producer path) |") == 2 and "tiny random weights" in text
+    assert "best: batch" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task, forwards, copies", [("img2img", 1, 2), ("text2img", 2, 2)])
+def test_generator_other_tasks(task, forwards, copies):
+    from benchmarks import generator
+
+    args = generator.build_parser().parse_args([
+        "--quick", "--device", "cpu", "--task", task, "--size", "32", "--steps", "2", "--batch-sizes", "2",
+        "--repeats", "1", "--baseline-images", "1", "--warmup", "0", "--scheduler", "ddim"])
+    result = generator.benchmark(args, progress=False)
+    row = result["ours"][0]
+    # DDIM runs exactly the steps asked for (SD 1.5's stored PNDM runs one more): img2img (SDEdit) runs
+    # int(steps x strength) = int(2 x 0.8) = 1 of them, text2img all 2; both guide with 2 copies of each latent
+    assert row["unet_forwards_per_call"] == forwards and row["unet_batch_per_image"] == copies
+    assert result["images_per_s"] > 0 and result["mfu"] is None
+
+
+@pytest.mark.slow
+def test_overhead_smoke(tmp_path, device, capsys):
+    from benchmarks import overhead
+
+    md = tmp_path / "RESULTS.md"
+    overhead.main(["--quick", "--device", str(device), "--steps", "3", "--warmup-steps", "1", "--recipes", "genmix",
+                   "cutmix", "--baselines", "tv-cutmix", "timm-mixup", "--pool-size", "16", "--warmup", "4",
+                   "--out", str(tmp_path), "--results-md", str(md)])
+    data = json.loads((tmp_path / "overhead.json").read_text())
+    assert (tmp_path / "overhead.png").stat().st_size > 0
+    _check_environment(data)
+    names = [r["provider"] for r in data["providers"]]
+    assert names == ["vanilla", "onlineaug genmix", "onlineaug cutmix", "torchvision CutMix", "timm Mixup (mixup)",
+                     "vanilla (again)"]
+    settings = data["settings"]
+    for row in data["providers"]:
+        for key in ("seconds", "steps_per_s", "images_per_s", "A_O", "generated_share", "fresh", "reused", "misses"):
+            assert key in row
+        assert row["steps_per_s"] > 0
+        assert row["images_per_s"] == pytest.approx(row["steps_per_s"] * settings["batch_size"])
+        assert data["A_O"][row["provider"]] == row["A_O"]
+    # T_van is the mean of the two vanilla runs: their A_O cancel out
+    assert data["providers"][0]["A_O"] + data["providers"][-1]["A_O"] == pytest.approx(0, abs=1e-9)
+    genmix = data["providers"][1]
+    assert genmix["generated"] + genmix["real"] == settings["steps"] * settings["batch_size"]
+    assert genmix["fresh"] + genmix["reused"] == genmix["generated"]  # every generated serve is one or the other
+    assert 0 <= genmix["generated_share"] <= 1 and genmix["misses"] >= 0
+    assert data["headline"]["provider"] == "onlineaug genmix"
+    assert data["providers"][2]["generated_share"] == 0  # cutmix: batch-time only
+    assert data["providers"][3]["fresh"] is None  # torchvision: no pool
+    assert "| onlineaug genmix |" in md.read_text()
+    assert "A_O" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_plan_measure_quick(tmp_path, capsys):
+    from onlineaug.__main__ import main
+
+    out, md = tmp_path / "plan.json", tmp_path / "RESULTS.md"
+    main(["plan", "--measure", "--quick", "--device", "cpu", "--out", str(out), "--results-md", str(md),
+          "--no-progress"])
+    data = json.loads(out.read_text())
+    _check_environment(data)
+    measured = data["measured"]
+    assert measured["trainer_images_per_s"] > 0 and measured["producer_images_per_s"] > 0
+    assert data["plan"]["trainer_images_per_s"] == measured["trainer_images_per_s"]
+    assert data["plan"]["producer_images_per_s"] == measured["producer_images_per_s"]
+    assert data["plan"]["generator_gpus"] == math.ceil(round(data["plan"]["generator_gpus_exact"], 9))
+    assert [r["provider"] for r in measured["overhead"]["providers"]] == ["vanilla", "onlineaug genmix"]
+    assert "plan (measured here)" in md.read_text()
+    assert "measured producer" in capsys.readouterr().out
