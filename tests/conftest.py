@@ -19,6 +19,10 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a slower case (still run in CI)")
+    # Triton binds interpreted or compiled mode when it is first imported: on CPU, choose the
+    # interpreter before any test module imports it.
+    if not config.getoption("--device").startswith("cuda"):
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

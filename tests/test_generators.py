@@ -149,7 +149,7 @@ def test_tiny_build_does_not_touch_global_rng():
 @pytest.mark.slow
 def test_tiny_weights_identical_in_another_process():
     code = textwrap.dedent(
-        f"""
+        """
         import hashlib, torch
         from onlineaug.generators.tiny import build_tiny_pipeline
         torch.manual_seed(1234)  # the caller's global RNG state must not matter
@@ -157,7 +157,7 @@ def test_tiny_weights_identical_in_another_process():
         h = hashlib.sha256()
         for name in ("unet", "vae", "text_encoder"):
             for key, tensor in sorted(getattr(pipe, name).state_dict().items()):
-                h.update(f"{{name}}.{{key}}".encode())
+                h.update(f"{name}.{key}".encode())
                 h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         print(h.hexdigest())
         """
