@@ -18,14 +18,14 @@ import time
 import weakref
 from typing import Mapping, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
+from onlineaug.batching import BatchAssembler, prefetch_batches
 from onlineaug.images import UInt8ImageDataset
 from onlineaug.pool import SamplePool, check_shm_capacity
 from onlineaug.producer import ProducerConfig, ProducerGroup
-from onlineaug.recipes import Batch, BatchContext, Recipe, get_recipe
+from onlineaug.recipes import BatchContext, Recipe, get_recipe
 from onlineaug.seeding import derive_seed, numpy_generator, torch_generator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -94,6 +94,9 @@ class OnlineGenAugLoader:
         max_restarts: producer restarts allowed (in total) before the loader raises.
         out_dtype: dtype of the returned images (float32, or float16/bfloat16 for AMP training).
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` for the batch-time kernels.
+        prefetch: batches assembled ahead of the training loop by a background thread (host copies from the
+            pool, and on CUDA the host-to-device copies on a side stream).
+        progress: show a progress bar while waiting for ``warmup``.
     """
 
     def __init__(self, dataset, recipe: str | Recipe = "genmix", *, num_classes: int, batch_size: int = 64,
@@ -106,7 +109,8 @@ class OnlineGenAugLoader:
                  generation_size: int | None = None, warmup: int = 0, warmup_timeout: float = 600.0,
                  recipe_options: Mapping | None = None, fractals=None, num_fractals: int = 64,
                  generator_batch_size: int = 4, compile_unet: bool = False, max_restarts: int = 3,
-                 out_dtype: torch.dtype = torch.float32, backend: str = "auto", progress: bool = True):
+                 out_dtype: torch.dtype = torch.float32, backend: str = "auto", prefetch: int = 2,
+                 progress: bool = True):
         if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
             raise TypeError(f"dataset must be a map-style dataset (with __getitem__ and __len__), got "
                             f"{type(dataset).__name__}")
@@ -123,7 +127,8 @@ class OnlineGenAugLoader:
         for name, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 8),
                                  ("pool_size", pool_size, 1), ("max_reuse", max_reuse, 1),
                                  ("num_workers", num_workers, 0), ("warmup", warmup, 0),
-                                 ("generator_batch_size", generator_batch_size, 1), ("max_restarts", max_restarts, 0)):
+                                 ("generator_batch_size", generator_batch_size, 1), ("max_restarts", max_restarts, 0),
+                                 ("prefetch", prefetch, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if not 0.0 <= p_aug <= 1.0:
@@ -156,7 +161,7 @@ class OnlineGenAugLoader:
         self.pool_size, self.max_reuse, self.seed = pool_size, max_reuse, seed
         self.generator, self.warmup, self.warmup_timeout = generator, warmup, warmup_timeout
         self.generator_batch_size, self.compile_unet, self.max_restarts = generator_batch_size, compile_unet, max_restarts
-        self.backend, self.progress = backend, progress
+        self.backend, self.progress, self.prefetch = backend, progress, prefetch
         self.epoch = 0
 
         if self.generative:
@@ -208,10 +213,9 @@ class OnlineGenAugLoader:
 
         self._resources = _Resources()
         self._finalizer = weakref.finalize(self, self._resources.release)
-        self._counts = {"batches": 0, "real": 0, "generated": 0, "misses": 0}
-        self._ring: list[dict[str, torch.Tensor]] = []
-        self._ring_events: list = []
-        self._ring_next = 0
+        self._counts = {"batches": 0, "real": 0, "generated": 0, "fresh": 0, "reused": 0, "misses": 0}
+        self._assembler = BatchAssembler(self.recipe, None, device=self.device, image_size=image_size,
+                                         p_aug=self.p_aug, ring_size=prefetch + 2)
 
     # ------------------------------------------------------------------------------------- lifecycle
     def start(self) -> "OnlineGenAugLoader":
@@ -296,65 +300,22 @@ class OnlineGenAugLoader:
         self._sampler_generator.manual_seed(derive_seed(self.seed, "sampler", 0, self.epoch))
         coins = numpy_generator(self.seed, "replace", 0, self.epoch)
         params_generator = torch_generator(self.seed, "params", 0, self.epoch, device=self.device)
-        for images, labels, _ in self._dataloader:
-            if self.producers is not None:
-                self.producers.poll(min_interval_s=0.2)
-            batch = self._assemble(images, labels, coins)
+        assembler = self._assembler
+        assembler.pool = self.pool
+        batches = prefetch_batches(self._dataloader, lambda images, labels, _: assembler.assemble(images, labels, coins),
+                           depth=self.prefetch, on_wait=self._poll_producers)
+        for ready in batches:
+            batch = ready.wait()
             params = self.recipe.sample_params(batch, self.context, params_generator)
-            yield self.recipe.apply(batch, params, self.context)
+            mixed = self.recipe.apply(batch, params, self.context)
+            self._counts["batches"] += 1
+            for key, value in ready.counts.items():
+                self._counts[key] += value
+            yield mixed
 
-    def _host_buffers(self, batch_size: int) -> dict[str, torch.Tensor]:
-        """Host buffers for the pool-only fields; on CUDA a ring of pinned buffers reused once copied."""
-        fields = {name: field for name, field in self.recipe.pool_fields(self.image_size).items()
-                  if name not in self.recipe.real_fields}
-
-        def allocate():
-            return {name: torch.zeros((batch_size, *f.shape), dtype=getattr(torch, f.dtype),
-                                      pin_memory=self.device.type == "cuda") for name, f in fields.items()}
-
-        if self.device.type != "cuda":
-            return allocate()
-        if not self._ring or next(iter(self._ring[0].values())).shape[0] != batch_size:
-            self._ring = [allocate() for _ in range(2)]
-            self._ring_events = [None, None]
-        index = self._ring_next
-        self._ring_next = (index + 1) % len(self._ring)
-        if self._ring_events[index] is not None:
-            self._ring_events[index].synchronize()  # the copy that last read this buffer has finished
-        return self._ring[index]
-
-    def _assemble(self, images: torch.Tensor, labels: torch.Tensor, coins: np.random.Generator) -> Batch:
-        size = images.shape[0]
-        real = {"image": images, "label": labels}
-        host = {name: real[source] for name, source in self.recipe.real_fields.items()}
-        generated = np.zeros(size, dtype=bool)
-        pool = self.pool
-        if pool is not None:
-            host.update(self._host_buffers(size))
-            wanted = np.flatnonzero(coins.random(size) < self.p_aug)
-            slots = pool.acquire(len(wanted))
-            self._counts["misses"] += len(wanted) - len(slots)
-            overlap = [name for name in pool.fields if name in self.recipe.real_fields]
-            for row, (slot, seq) in zip(wanted, slots):
-                targets = {name: host[name][row].numpy() for name in pool.fields}
-                saved = {name: targets[name].copy() for name in overlap}
-                if pool.read(slot, seq, targets):
-                    generated[row] = True
-                else:  # the producer began overwriting the slot while we copied: keep the real sample
-                    for name, value in saved.items():
-                        np.copyto(targets[name], value)
-                    self._counts["misses"] += 1
-        count = int(generated.sum())
-        self._counts["batches"] += 1
-        self._counts["generated"] += count
-        self._counts["real"] += size - count
-        fields = {name: tensor.to(self.device, non_blocking=True) for name, tensor in host.items()}
-        if self.device.type == "cuda" and self._ring:
-            event = torch.cuda.Event()
-            event.record()
-            self._ring_events[(self._ring_next - 1) % len(self._ring)] = event
-        mask = torch.from_numpy(generated).to(self.device, non_blocking=True)
-        return Batch(fields=fields, generated=mask)
+    def _poll_producers(self) -> None:
+        if self.producers is not None:
+            self.producers.poll(min_interval_s=0.2)
 
     # ----------------------------------------------------------------------------------------- stats
     def stats(self) -> dict:
@@ -364,14 +325,14 @@ class OnlineGenAugLoader:
         counts["generated_share"] = counts["generated"] / served if served else 0.0
         pool = self.pool
         if pool is None:
-            counts.update(pool_ready=0, pool_size=self.pool_size if self.generative else 0, produced=0, fresh=0,
-                          reused=0, torn_reads=0, producer_restarts=0, gen_images_per_s=0.0)
+            counts.update(pool_ready=0, pool_size=self.pool_size if self.generative else 0, produced=0,
+                          torn_reads=0, producer_restarts=0, gen_images_per_s=0.0)
             return counts
         produced = int(pool.produced.sum())
         started = pool.started_ns[pool.started_ns > 0]
         elapsed = (time.monotonic_ns() - int(started.min())) / 1e9 if started.size else 0.0
         counts.update(pool_ready=pool.ready_count(), pool_size=self.pool_size, produced=produced,
-                      fresh=pool.served_fresh, reused=pool.served_reused, torn_reads=pool.torn,
+                      torn_reads=pool.torn,
                       producer_restarts=self.producers.restarts if self.producers else 0,
                       gen_images_per_s=produced / elapsed if elapsed > 0 else 0.0)
         return counts

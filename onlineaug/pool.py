@@ -157,9 +157,7 @@ class SamplePool:
         for name, (offset, field) in spec.layout.items():
             view = raw[:, offset:offset + field.nbytes].view(np.dtype(field.dtype))
             self.fields[name] = view.reshape((n, *field.shape))
-        self.served_fresh = 0
-        self.served_reused = 0
-        self.torn = 0
+        self.torn = 0  # reads discarded because a write overlapped them
         if owner:
             self._finalizer = weakref.finalize(self, _release, data, control, True)
         else:
@@ -277,27 +275,23 @@ class SamplePool:
                 samples.append(copy)
         return samples
 
-    def read(self, slot: int, seq: int, out: Mapping[str, np.ndarray]) -> bool:
-        """Copy ``slot`` (as of write ``seq``) into ``out`` field arrays; count one serve.
+    def read(self, slot: int, seq: int, out: Mapping[str, np.ndarray]) -> int | None:
+        """Copy ``slot`` (as of write ``seq``) into ``out`` field arrays and count one serve.
 
-        Returns False, and counts nothing, when the producer started overwriting the slot meanwhile:
-        the copy may be torn and the caller must discard it.
+        Returns how many times this write was served before (0: a fresh sample), or None, counting nothing,
+        when the producer started overwriting the slot meanwhile: the copy may be torn and must be discarded.
         """
         for name, target in out.items():
             np.copyto(target, self.fields[name][slot])
         if self.seq[slot] != seq:
             self.torn += 1
-            return False
+            return None
         uses = int(self.uses[slot]) if self.uses_seq[slot] == seq else 0
         if uses >= self.spec.max_reuse:  # only reachable if a caller reads a slot twice without acquire
-            return False
+            return None
         self.uses[slot] = uses + 1
         self.uses_seq[slot] = seq
-        if uses == 0:
-            self.served_fresh += 1
-        else:
-            self.served_reused += 1
-        return True
+        return uses
 
 
 def _release(data: shared_memory.SharedMemory, control: shared_memory.SharedMemory, unlink: bool) -> None:

@@ -334,3 +334,18 @@ def test_a_dataset_defined_in_the_users_script_reaches_the_producers(tmp_path):
     result = run_script(tmp_path, MAIN_DATASET)
     assert result.returncode == 0, result.stderr[-3000:]
     assert int(result.stdout.split("produced")[-1]) >= 2
+
+
+def test_stats_count_served_batches_and_breaking_out_stops_the_prefetch_thread(shapes):
+    import threading
+
+    loader = OnlineGenAugLoader(shapes, recipe="cutmix", num_classes=10, batch_size=8, image_size=SIZE,
+                                num_workers=0, prefetch=3)
+    iterator = iter(loader)
+    next(iterator)
+    assert wait_until(lambda: any(t.name == "onlineaug-prefetch" for t in threading.enumerate()), timeout=5)
+    time.sleep(0.3)  # let the thread run ahead: what it assembled but did not serve must not be counted
+    stats = loader.stats()
+    assert stats["batches"] == 1 and stats["real"] + stats["generated"] == 8
+    iterator.close()
+    assert wait_until(lambda: not any(t.name == "onlineaug-prefetch" for t in threading.enumerate()), timeout=5)

@@ -1,0 +1,174 @@
+"""Batch assembly on the trainer's host: real samples, replacements from the pool, and the copy to the device.
+
+:class:`BatchAssembler` turns one DataLoader batch into a :class:`~onlineaug.recipes.Batch` on the trainer's
+device: per sample a ``p_aug`` coin, a pooled sample copied into the batch's host buffers where one is ready
+(a miss where none is), then non-blocking host-to-device copies. On CUDA the copies run on a side stream and
+the pool-only fields live in a ring of pinned buffers; a buffer is refilled only after the copy that read it
+has finished (its CUDA event), as FFCV does.
+
+:func:`prefetch_batches` runs the assembler in a background thread a few batches ahead of the training loop, so
+the host work (DataLoader hand-off, pool copies, copy launches) overlaps the trainer's GPU work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import queue
+import threading
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from onlineaug.pool import Field, SamplePool
+from onlineaug.recipes import Batch, Recipe
+
+
+@dataclasses.dataclass
+class ReadyBatch:
+    """An assembled batch, its sample counts, and the event after which its device tensors may be read."""
+
+    batch: Batch
+    counts: dict[str, int]  # real, generated, fresh, reused, misses
+    copied: torch.cuda.Event | None = None
+
+    def wait(self) -> Batch:
+        """Make the current stream wait for the copies; return the batch."""
+        if self.copied is not None:
+            stream = torch.cuda.current_stream()
+            stream.wait_event(self.copied)
+            for tensor in (*self.batch.fields.values(), self.batch.generated):
+                tensor.record_stream(stream)  # allocated on the copy stream, used on this one
+        return self.batch
+
+
+class BatchAssembler:
+    """Real batch + pool replacements -> device batch. Used from a single thread at a time."""
+
+    def __init__(self, recipe: Recipe, pool: SamplePool | None, *, device: torch.device, image_size: int,
+                 p_aug: float, ring_size: int = 4):
+        self.recipe, self.pool, self.device, self.p_aug = recipe, pool, device, p_aug
+        self.cuda = device.type == "cuda"
+        self.pool_only: dict[str, Field] = {
+            name: field for name, field in recipe.pool_fields(image_size).items() if name not in recipe.real_fields}
+        self.overlap = [name for name in recipe.pool_fields(image_size) if name in recipe.real_fields]
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.ring_size = ring_size
+        self._ring: list[dict[str, torch.Tensor]] = []
+        self._ring_events: list[torch.cuda.Event | None] = []
+        self._ring_next = 0
+
+    def _pool_only_buffers(self, batch_size: int) -> dict[str, torch.Tensor]:
+        def allocate():
+            return {name: torch.zeros((batch_size, *f.shape), dtype=getattr(torch, f.dtype), pin_memory=self.cuda)
+                    for name, f in self.pool_only.items()}
+
+        if not self.cuda:
+            return allocate()  # the batch is used in place on the CPU: a fresh buffer per batch
+        if not self._ring or next(iter(self._ring[0].values())).shape[0] != batch_size:
+            self._ring = [allocate() for _ in range(self.ring_size)]
+            self._ring_events = [None] * self.ring_size
+        index = self._ring_next
+        self._ring_next = (index + 1) % self.ring_size
+        if self._ring_events[index] is not None:
+            self._ring_events[index].synchronize()  # the copy that last read this buffer has finished
+        return self._ring[index]
+
+    def _replace_from_pool(self, host: dict[str, torch.Tensor], coins: np.random.Generator,
+                           counts: dict[str, int]) -> np.ndarray:
+        size = next(iter(host.values())).shape[0]
+        generated = np.zeros(size, dtype=bool)
+        wanted = np.flatnonzero(coins.random(size) < self.p_aug)
+        slots = self.pool.acquire(len(wanted))
+        counts["misses"] += len(wanted) - len(slots)
+        for row, (slot, seq) in zip(wanted, slots):
+            targets = {name: host[name][row].numpy() for name in self.pool.fields}
+            saved = {name: targets[name].copy() for name in self.overlap}
+            previous_serves = self.pool.read(slot, seq, targets)
+            if previous_serves is None:  # the producer began overwriting the slot as we copied: keep the real one
+                for name, value in saved.items():
+                    np.copyto(targets[name], value)
+                counts["misses"] += 1
+                continue
+            generated[row] = True
+            counts["fresh" if previous_serves == 0 else "reused"] += 1
+        return generated
+
+    def assemble(self, images: torch.Tensor, labels: torch.Tensor, coins: np.random.Generator) -> ReadyBatch:
+        real = {"image": images, "label": labels}
+        host = {name: real[source] for name, source in self.recipe.real_fields.items()}
+        size = images.shape[0]
+        counts = {"real": 0, "generated": 0, "fresh": 0, "reused": 0, "misses": 0}
+        generated = np.zeros(size, dtype=bool)
+        if self.pool is not None:
+            host.update(self._pool_only_buffers(size))
+            generated = self._replace_from_pool(host, coins, counts)
+        counts["generated"] = int(generated.sum())
+        counts["real"] = size - counts["generated"]
+        mask = torch.from_numpy(generated)
+        if not self.cuda:
+            return ReadyBatch(Batch(fields={n: t.to(self.device) for n, t in host.items()}, generated=mask), counts)
+        with torch.cuda.stream(self.copy_stream):
+            fields = {name: tensor.to(self.device, non_blocking=True) for name, tensor in host.items()}
+            device_mask = mask.pin_memory().to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.copy_stream)
+        if self.pool is not None and self.pool_only:
+            self._ring_events[(self._ring_next - 1) % self.ring_size] = copied
+        return ReadyBatch(Batch(fields=fields, generated=device_mask), counts, copied)
+
+
+_END = object()
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def prefetch_batches(source: Iterable, assemble: Callable[..., ReadyBatch], *, depth: int,
+                     on_wait: Callable[[], None]) -> Iterator[ReadyBatch]:
+    """Assemble ``source``'s batches in a background thread, up to ``depth`` ahead; yield them in order.
+
+    ``on_wait`` runs on the calling thread while it waits (the loader polls its producers there), so producer
+    failures surface even when the DataLoader is slow. An exception in the thread is re-raised here.
+    """
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in source:
+                if stop.is_set():
+                    return
+                ready = assemble(*item)
+                while not stop.is_set():
+                    with contextlib.suppress(queue.Full):
+                        slots.put(ready, timeout=0.1)
+                        break
+            slots.put(_END)
+        except BaseException as error:  # noqa: BLE001 - re-raised on the training thread
+            slots.put(_Failure(error))
+
+    thread = threading.Thread(target=work, name="onlineaug-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                item = slots.get(timeout=0.1)
+            except queue.Empty:
+                on_wait()
+                continue
+            if item is _END:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            on_wait()
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a pending put, then let the thread see `stop`
+            with contextlib.suppress(queue.Empty):
+                slots.get_nowait()
+            thread.join(timeout=0.05)
