@@ -32,10 +32,7 @@ RESULTS.md come only from this script.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -48,6 +45,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
+
+from benchmarks import common  # noqa: E402
 
 from kernels.box_mix import box_mix, box_mix_reference, sample_boxes  # noqa: E402
 from kernels.composite import composite, composite_reference  # noqa: E402
@@ -323,43 +322,16 @@ CASES = {"concat_blend": case_concat_blend, "cutmix": case_cutmix, "mixup": case
 # environment, output
 # --------------------------------------------------------------------------------------------------
 
-def versions() -> Dict[str, Optional[str]]:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    for name in ("triton", "kornia", "timm", "torchvision"):
-        try:
-            out[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001
-            out[name] = None
-    return out
+TABLE_COLUMNS = ("op", "batch", "provider", "median ms", "GB/s", "% peak", "note")
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def table_rows(rows: List[dict]) -> List[tuple]:
+    def pct(value):
+        return value if isinstance(value, str) else ("" if value is None else f"{value:.1f}")
 
-
-def format_table(rows: List[dict]) -> List[str]:
-    header = ["op", "batch", "provider", "median ms", "GB/s", "% peak", "note"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        ms = "" if r["median_s"] is None else f"{r['median_s'] * 1e3:.3f}"
-        gbps = "" if r["gbps"] is None else f"{r['gbps']:.1f}"
-        pct = r["pct_peak"] if isinstance(r["pct_peak"], str) else ("" if r["pct_peak"] is None else f"{r['pct_peak']:.1f}")
-        lines.append(f"| {r['op']} | {r['batch']} | {r['provider']} | {ms} | {gbps} | {pct} | {r['note']} |")
-    return lines
-
-
-def append_results_md(path: Path, title: str, settings_line: str, table: List[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        path.write_text("# Kernel benchmark results (appended by benchmarks/kernels.py; never edit figures by hand)\n")
-    with path.open("a") as f:
-        f.write(f"\n## {title}\n\n{settings_line}\n\n" + "\n".join(table) + "\n")
+    return [(r["op"], str(r["batch"]), r["provider"],
+             "" if r["median_s"] is None else f"{r['median_s'] * 1e3:.3f}",
+             "" if r["gbps"] is None else f"{r['gbps']:.1f}", pct(r["pct_peak"]), r["note"]) for r in rows]
 
 
 def main(argv=None) -> int:
@@ -374,7 +346,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "kernels.json")
-    parser.add_argument("--results-md", type=Path, default=REPO_ROOT / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--results-md", default=str(common.RESULTS_MD), help='"" skips RESULTS.md')
     args = parser.parse_args(argv)
 
     dev = torch.device(args.device)
@@ -386,7 +358,8 @@ def main(argv=None) -> int:
     batch_sizes = args.batch_sizes or ([8, 32] if args.quick else [32, 64, 128, 256, 512])
     reps = args.reps or (3 if args.quick else (50 if dev.type == "cuda" else 10))
     warmup = 1 if args.quick else 5  # the first call of a torch.compile provider compiles it (not timed)
-    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
+    env = common.environment(dev)
+    device_name = env["device"]
     peak = peak_bandwidth(device_name) if dev.type == "cuda" else None
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device=dev) if dev.type == "cuda" else None
     ctx = compiled_references(enabled=not args.no_compile)
@@ -423,28 +396,18 @@ def main(argv=None) -> int:
                 ms = "-" if row["median_s"] is None else f"{row['median_s'] * 1e3:9.3f} ms"
                 print(f"{op:>12} B={b:<4} {name:<40} {ms:>13}  {row['note']}", flush=True)
 
-    now = datetime.datetime.now(datetime.timezone.utc)
     settings = dict(device=args.device, batch_sizes=batch_sizes, size=args.size, quick=args.quick, reps=reps,
                     warmup=warmup, ops=args.ops, compile=not args.no_compile, seed=args.seed,
                     l2_flush=dev.type == "cuda")
-    vers = versions()
-    record = dict(date=now.isoformat(timespec="seconds"), device_name=device_name, device_type=dev.type,
-                  peak_bandwidth_gbps=peak, versions=vers, settings=settings, results=rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-
-    table = format_table(rows)
-    print("\n" + "\n".join(table))
-    title = f"{now:%Y-%m-%d %H:%M} UTC, {device_name} ({dev.type})"
-    vers_text = ", ".join(f"{k} {v}" for k, v in vers.items() if v)
-    out_path = args.out.resolve()
-    out_text = out_path.relative_to(REPO_ROOT) if out_path.is_relative_to(REPO_ROOT) else out_path
-    settings_line = (f"{vers_text}. Size {args.size} px, batch sizes {batch_sizes}, median of {reps} runs after "
-                     f"{warmup} warm-up{', L2 flushed before each run' if dev.type == 'cuda' else ''}"
-                     f"{', --quick' if args.quick else ''}. Peak bandwidth: "
-                     f"{f'{peak:.0f} GB/s' if peak else 'unknown'}. JSON: {out_text}")
-    append_results_md(args.results_md, title, settings_line, table)
-    print(f"\nwrote {args.out} and appended to {args.results_md}")
+    common.write_json(args.out, dict(environment=env, peak_bandwidth_gbps=peak, settings=settings, results=rows))
+    print("\n" + common.markdown_table(TABLE_COLUMNS, table_rows(rows)))
+    notes = [f"median of {reps} runs after {warmup} warm-up"
+             + (", L2 flushed before each run" if dev.type == "cuda" else ""),
+             f"peak bandwidth: {f'{peak:.0f} GB/s' if peak else 'unknown'}"]
+    if args.results_md:
+        common.append_results_md(args.results_md, f"Kernels, {device_name}", TABLE_COLUMNS, table_rows(rows),
+                                 env=env, settings=settings, notes=notes)
+    print(f"\nwrote {args.out}" + (f" and appended to {args.results_md}" if args.results_md else ""))
     return 0
 
 

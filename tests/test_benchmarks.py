@@ -210,3 +210,24 @@ def test_plan_measure_quick(tmp_path, capsys):
     assert [r["provider"] for r in measured["overhead"]["providers"]] == ["vanilla", "onlineaug genmix"]
     assert "plan (measured here)" in md.read_text()
     assert "measured producer" in capsys.readouterr().out
+
+
+def test_kernels_benchmark_smoke(tmp_path, device):
+    from benchmarks import kernels as kernels_benchmark
+
+    out, results_md = tmp_path / "kernels.json", tmp_path / "RESULTS.md"
+    assert kernels_benchmark.main(["--device", device.type, "--ops", "mixup", "concat_blend", "--batch-sizes", "2",
+                                   "--size", "32", "--reps", "1", "--no-compile", "--out", str(out),
+                                   "--results-md", str(results_md)]) == 0
+    record = json.loads(out.read_text())
+    assert record["environment"]["device"] and record["environment"]["versions"]["torch"] == torch.__version__
+    assert record["settings"]["batch_sizes"] == [2] and record["settings"]["size"] == 32
+    timed = {(r["op"], r["provider"]): r for r in record["results"] if r["median_s"] is not None}
+    assert ("concat_blend", "torch eager (reference)") in timed
+    for row in timed.values():
+        assert row["median_s"] > 0 and row["gbps"] == pytest.approx(row["bytes"] / row["median_s"] / 1e9)
+    if device.type == "cpu":  # the interpreter is not a speed measure: ours is skipped, with the reason
+        ours = [r for r in record["results"] if "triton" in r["provider"]]
+        assert ours and all(r["median_s"] is None and "interpreter" in r["note"] for r in ours)
+    text = results_md.read_text()
+    assert text.startswith(common.RESULTS_MD_HEADER) and "| concat_blend | 2 |" in text
