@@ -92,9 +92,32 @@ def jit(fn: Callable):
         triton = import_triton()
         _check_import_mode(triton, interpret=key[1])
         fn.__globals__["tl"] = triton.language
-        kernel = triton.jit(fn)
+        kernel = _OnTensorsDevice(triton.jit(fn))
         _JIT_CACHE[key] = kernel
     return kernel
+
+
+class _OnTensorsDevice:
+    """A jitted kernel whose launches run with the first tensor argument's CUDA device made current.
+
+    Triton launches on the *current* device; a trainer on ``cuda:1`` whose current device is 0 (a DDP rank
+    without ``torch.cuda.set_device``) would otherwise fail, or use the wrong device's stream.
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            device = next(a.device for a in args if isinstance(a, torch.Tensor))
+            if device.type != "cuda":
+                return launch(*args, **kwargs)
+            with torch.cuda.device(device):
+                return launch(*args, **kwargs)
+
+        return run
 
 
 def _check_import_mode(triton, interpret: bool) -> None:

@@ -36,7 +36,7 @@ class ReadyBatch:
     def wait(self) -> Batch:
         """Make the current stream wait for the copies; return the batch."""
         if self.copied is not None:
-            stream = torch.cuda.current_stream()
+            stream = torch.cuda.current_stream(self.batch.generated.device)
             stream.wait_event(self.copied)
             for tensor in (*self.batch.fields.values(), self.batch.generated):
                 tensor.record_stream(stream)  # allocated on the copy stream, used on this one
@@ -128,28 +128,32 @@ class _Failure:
 
 
 def prefetch_batches(source: Iterable, assemble: Callable[..., ReadyBatch], *, depth: int,
-                     on_wait: Callable[[], None]) -> Iterator[ReadyBatch]:
+                     on_wait: Callable[[], None], stop: threading.Event) -> Iterator[ReadyBatch]:
     """Assemble ``source``'s batches in a background thread, up to ``depth`` ahead; yield them in order.
 
-    ``on_wait`` runs on the calling thread while it waits (the loader polls its producers there), so producer
-    failures surface even when the DataLoader is slow. An exception in the thread is re-raised here.
+    ``source`` is iterated from the thread, but ``iter(source)`` is called here, on the calling thread (a
+    DataLoader forks its workers there). ``on_wait`` runs on the calling thread while it waits (the loader
+    polls its producers), so producer failures surface even when the DataLoader is slow. An exception in
+    the thread is re-raised here. Setting ``stop`` (or closing the generator) ends the thread.
     """
+    items = iter(source)
     slots: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                slots.put(item, timeout=0.1)
+                return True
+        return False
 
     def work():
         try:
-            for item in source:
-                if stop.is_set():
+            for item in items:
+                if stop.is_set() or not put(assemble(*item)):
                     return
-                ready = assemble(*item)
-                while not stop.is_set():
-                    with contextlib.suppress(queue.Full):
-                        slots.put(ready, timeout=0.1)
-                        break
-            slots.put(_END)
+            put(_END)
         except BaseException as error:  # noqa: BLE001 - re-raised on the training thread
-            slots.put(_Failure(error))
+            put(_Failure(error))
 
     thread = threading.Thread(target=work, name="onlineaug-prefetch", daemon=True)
     thread.start()
@@ -158,6 +162,8 @@ def prefetch_batches(source: Iterable, assemble: Callable[..., ReadyBatch], *, d
             try:
                 item = slots.get(timeout=0.1)
             except queue.Empty:
+                if stop.is_set():
+                    raise RuntimeError("the loader was closed while iterating over it") from None
                 on_wait()
                 continue
             if item is _END:
@@ -168,7 +174,4 @@ def prefetch_batches(source: Iterable, assemble: Callable[..., ReadyBatch], *, d
             yield item
     finally:
         stop.set()
-        while thread.is_alive():  # unblock a pending put, then let the thread see `stop`
-            with contextlib.suppress(queue.Empty):
-                slots.get_nowait()
-            thread.join(timeout=0.05)
+        thread.join()

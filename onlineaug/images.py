@@ -94,13 +94,18 @@ def label_to_int(label, index: int, num_classes: int) -> int:
     return label
 
 
-def load_item(dataset, index: int, size: int, num_classes: int) -> tuple[torch.Tensor, int]:
-    """``dataset[index]`` as ``(uint8 (3, size, size), label)``, with clear errors for bad items."""
+def load_image(dataset, index: int, num_classes: int) -> tuple[torch.Tensor, int]:
+    """``dataset[index]`` as ``(uint8 (3, H, W), label)`` at its own size, with clear errors for bad items."""
     item = dataset[index]
     if not isinstance(item, (tuple, list)) or len(item) < 2:
         raise TypeError(f"dataset item {index}: expected an (image, label) pair, got {_describe(item)}")
-    image = resize_uint8(image_to_uint8(item[0], index), size)
-    return image, label_to_int(item[1], index, num_classes)
+    return image_to_uint8(item[0], index), label_to_int(item[1], index, num_classes)
+
+
+def load_item(dataset, index: int, size: int, num_classes: int) -> tuple[torch.Tensor, int]:
+    """``dataset[index]`` as ``(uint8 (3, size, size), label)``, with clear errors for bad items."""
+    image, label = load_image(dataset, index, num_classes)
+    return resize_uint8(image, size), label
 
 
 class UInt8ImageDataset(torch.utils.data.Dataset):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 import time
 import weakref
 from typing import Mapping, Sequence
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from onlineaug.batching import BatchAssembler, prefetch_batches
 from onlineaug.images import UInt8ImageDataset
 from onlineaug.pool import SamplePool, check_shm_capacity
-from onlineaug.producer import ProducerConfig, ProducerGroup
+from onlineaug.producer import PRODUCER_ENV, ProducerConfig, ProducerGroup
 from onlineaug.recipes import BatchContext, Recipe, get_recipe
 from onlineaug.seeding import derive_seed, numpy_generator, torch_generator
 
@@ -56,8 +57,11 @@ class _Resources:
     def __init__(self):
         self.pool: SamplePool | None = None
         self.producers: ProducerGroup | None = None
+        self.prefetch_stops: weakref.WeakSet[threading.Event] = weakref.WeakSet()
 
     def release(self) -> None:
+        for stop in list(self.prefetch_stops):  # prefetch threads of iterators still open stop touching the pool
+            stop.set()
         if self.producers is not None:
             self.producers.stop()
             self.producers = None
@@ -75,14 +79,16 @@ class OnlineGenAugLoader:
             producer processes, like to DataLoader workers under spawn).
         recipe: a registered recipe name (``onlineaug.recipes.available_recipes()``) or a ``Recipe``.
         num_classes: number of classes; targets are (B, num_classes) soft labels whose rows sum to 1.
-        batch_size, shuffle, drop_last, num_workers, sampler, pin_memory: as for ``DataLoader``.
+        batch_size, shuffle, drop_last, num_workers, sampler, pin_memory: as for ``DataLoader`` (``shuffle``
+            defaults to True without a sampler).
         image_size: training size; every image is resized to ``image_size`` x ``image_size``.
         generator: ``"tiny"`` (a random-weight pipeline built in-process), a hub id or a local folder.
         device: the trainer's device, where batches are mixed and returned.
         generator_devices: one producer process per entry (e.g. ``["cuda:1", "cuda:2"]``).
         p_aug: per-sample probability of serving a generated sample (or, for CutMix/Mixup, of mixing).
         pool_size: slots in the shared-memory pool; max_reuse: serves per generated sample.
-        seed: seeds every random stream (sampler, replacement coins, batch-time parameters, producers).
+        seed: seeds every random stream (sampler, replacement coins, batch-time parameters, producers), with
+            the epoch: ``set_epoch`` chooses it, otherwise each new iteration starts the next epoch.
         mean, std: normalisation, in [0, 1] pixel units. label_smoothing: applied to the soft targets.
         class_names: optional names of the classes (checked against ``num_classes``).
         generation_size: the size the generator works at (default: the recipe's, e.g. 512 for GenMix).
@@ -96,13 +102,15 @@ class OnlineGenAugLoader:
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` for the batch-time kernels.
         prefetch: batches assembled ahead of the training loop by a background thread (host copies from the
             pool, and on CUDA the host-to-device copies on a side stream).
+        rank: this trainer's rank in distributed training, folded into every seed so that ranks draw and
+            generate different samples (default: ``torch.distributed.get_rank()`` when initialised, else 0).
         progress: show a progress bar while waiting for ``warmup``.
     """
 
     def __init__(self, dataset, recipe: str | Recipe = "genmix", *, num_classes: int, batch_size: int = 64,
                  image_size: int = 224, generator: str = "tiny", device="cpu",
                  generator_devices: Sequence = ("cpu",), p_aug: float = 0.5, pool_size: int = 256,
-                 max_reuse: int = 8, num_workers: int = 2, seed: int = 0, shuffle: bool = True,
+                 max_reuse: int = 8, num_workers: int = 2, seed: int = 0, shuffle: bool | None = None,
                  drop_last: bool = False, sampler=None, pin_memory: bool | None = None,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  label_smoothing: float = 0.0, class_names: Sequence[str] | None = None,
@@ -110,7 +118,7 @@ class OnlineGenAugLoader:
                  recipe_options: Mapping | None = None, fractals=None, num_fractals: int = 64,
                  generator_batch_size: int = 4, compile_unet: bool = False, max_restarts: int = 3,
                  out_dtype: torch.dtype = torch.float32, backend: str = "auto", prefetch: int = 2,
-                 progress: bool = True):
+                 rank: int | None = None, progress: bool = True):
         if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
             raise TypeError(f"dataset must be a map-style dataset (with __getitem__ and __len__), got "
                             f"{type(dataset).__name__}")
@@ -131,6 +139,8 @@ class OnlineGenAugLoader:
                                  ("prefetch", prefetch, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         if not 0.0 <= p_aug <= 1.0:
             raise ValueError(f"p_aug must be a probability in [0, 1], got {p_aug}")
         if not 0.0 <= label_smoothing < 1.0:
@@ -143,17 +153,28 @@ class OnlineGenAugLoader:
             raise ValueError(f"out_dtype must be torch.float32, float16 or bfloat16, got {out_dtype}")
 
         options = dict(recipe_options or {})
-        self.recipe = get_recipe(recipe, **options)
         if generation_size is not None:
-            if self.recipe.generator_task is None:
-                raise ValueError(f"generation_size is for generative recipes; {self.recipe.name!r} has no generator")
-            self.recipe.generation_size = int(generation_size)
+            if not isinstance(recipe, str):
+                raise ValueError("with a Recipe instance, set its generation size on the recipe itself")
+            options["generation_size"] = generation_size  # validated by the recipe
+        self.recipe = get_recipe(recipe, **options)
         self.device = _parse_device(device, "device")
         self.generative = self.recipe.generator_task is not None
+        if isinstance(generator_devices, (str, torch.device)):
+            generator_devices = [generator_devices]
         self.generator_devices = [str(_parse_device(d, "generator_devices")) for d in generator_devices] \
             if self.generative else []
         if self.generative and not self.generator_devices:
             raise ValueError(f"recipe {self.recipe.name!r} needs at least one generator device")
+        if self.generative and generator_batch_size > pool_size // len(self.generator_devices):
+            raise ValueError(
+                f"generator_batch_size={generator_batch_size} is larger than the {pool_size // len(self.generator_devices)} "
+                f"pool slots each producer owns (pool_size={pool_size} over {len(self.generator_devices)} producers): "
+                f"part of every generated batch would be thrown away; raise pool_size or lower generator_batch_size")
+        if rank is None:
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank = torch.distributed.get_rank() if distributed else 0
+        self.rank = int(rank)
 
         self.dataset = dataset
         self.num_classes, self.class_names = num_classes, list(class_names) if class_names else None
@@ -163,6 +184,7 @@ class OnlineGenAugLoader:
         self.generator_batch_size, self.compile_unet, self.max_restarts = generator_batch_size, compile_unet, max_restarts
         self.backend, self.progress, self.prefetch = backend, progress, prefetch
         self.epoch = 0
+        self._epoch_chosen = True  # the first iteration runs epoch 0; later ones advance unless set_epoch is called
 
         if self.generative:
             from onlineaug.pool import PoolSpec
@@ -182,6 +204,7 @@ class OnlineGenAugLoader:
 
         self._sampler_generator = torch.Generator()
         if sampler is None:
+            shuffle = True if shuffle is None else shuffle
             sampler = RandomSampler(dataset, generator=self._sampler_generator) if shuffle else SequentialSampler(dataset)
         elif shuffle:
             raise ValueError("pass either sampler or shuffle=True, not both (as for DataLoader)")
@@ -224,6 +247,11 @@ class OnlineGenAugLoader:
             raise RuntimeError("this loader is closed; create a new one")
         if not self.generative or self._resources.pool is not None:
             return self
+        if os.environ.get(PRODUCER_ENV) == "1":
+            raise RuntimeError(
+                "an OnlineGenAugLoader was started inside a producer process: the producer imports your script "
+                "(it defines a class the producers need) and the script starts training when imported. Put the "
+                "training code under `if __name__ == \"__main__\":`, or define the dataset in a module.")
         pool = SamplePool.create(self.recipe.pool_fields(self.image_size), num_slots=self.pool_size,
                                  num_producers=len(self.generator_devices), max_reuse=self.max_reuse)
         self._resources.pool = pool
@@ -231,7 +259,7 @@ class OnlineGenAugLoader:
         threads = max(1, (os.cpu_count() or 1) // (cpu_producers + 1)) if cpu_producers else None
         configs = [ProducerConfig(rank=rank, device=dev, generator=self.generator, recipe=self.recipe,
                                   dataset=self.dataset, num_classes=self.num_classes, image_size=self.image_size,
-                                  batch_size=self.generator_batch_size, seed=self.seed,
+                                  batch_size=self.generator_batch_size, seed=self.seed, trainer_rank=self.rank,
                                   compile_unet=self.compile_unet, num_threads=threads if dev == "cpu" else None)
                    for rank, dev in enumerate(self.generator_devices)]
         self._resources.producers = ProducerGroup(configs, pool.spec, max_restarts=self.max_restarts)
@@ -290,6 +318,7 @@ class OnlineGenAugLoader:
     def set_epoch(self, epoch: int) -> None:
         """Reseed this epoch's shuffling and mixing (and forward to a sampler that has ``set_epoch``)."""
         self.epoch = int(epoch)
+        self._epoch_chosen = True
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(self.epoch)
 
@@ -297,13 +326,18 @@ class OnlineGenAugLoader:
         self.start()
         if self.warmup and self._counts["batches"] == 0:
             self.wait_for_pool(self.warmup)
-        self._sampler_generator.manual_seed(derive_seed(self.seed, "sampler", 0, self.epoch))
-        coins = numpy_generator(self.seed, "replace", 0, self.epoch)
-        params_generator = torch_generator(self.seed, "params", 0, self.epoch, device=self.device)
+        if not self._epoch_chosen:
+            self.epoch += 1  # a new pass without set_epoch: reshuffle, as a DataLoader does
+        self._epoch_chosen = False
+        self._sampler_generator.manual_seed(derive_seed(self.seed, "sampler", self.rank, self.epoch))
+        coins = numpy_generator(self.seed, "replace", self.rank, self.epoch)
+        params_generator = torch_generator(self.seed, "params", self.rank, self.epoch, device=self.device)
         assembler = self._assembler
         assembler.pool = self.pool
+        stop = threading.Event()
+        self._resources.prefetch_stops.add(stop)
         batches = prefetch_batches(self._dataloader, lambda images, labels, _: assembler.assemble(images, labels, coins),
-                           depth=self.prefetch, on_wait=self._poll_producers)
+                                   depth=self.prefetch, on_wait=self._poll_producers, stop=stop)
         for ready in batches:
             batch = ready.wait()
             params = self.recipe.sample_params(batch, self.context, params_generator)

@@ -21,11 +21,11 @@ from typing import Sequence
 import torch
 
 import kernels
-from kernels.concat_blend import SPLIT_LEFT_RIGHT, SPLIT_NONE, SPLIT_TOP_BOTTOM
+from kernels.concat_blend import SPLIT_CODES, SPLIT_NONE
 from kernels.box_mix import sample_boxes
 from onlineaug.seeding import sample_beta
 
-SPLITS = {"top_bottom": SPLIT_TOP_BOTTOM, "left_right": SPLIT_LEFT_RIGHT}
+SPLITS = {name: code for name, code in SPLIT_CODES.items() if code != SPLIT_NONE}  # the masks a recipe may draw
 
 __all__ = [
     "SPLITS", "smooth_mask", "concat_blend", "normalize",
@@ -101,6 +101,16 @@ class ConcatBlendParams:
     fractal_index: torch.Tensor  # int64
 
 
+def _choose(values: Sequence[int], size: int, generator: torch.Generator) -> torch.Tensor:
+    """``size`` draws, uniform over ``values``, on the generator's device (no host-to-device copy: a copy
+    from pageable memory would synchronise the stream)."""
+    index = torch.randint(len(values), (size,), generator=generator, device=generator.device)
+    out = torch.full((size,), values[0], dtype=torch.int64, device=generator.device)
+    for position, value in enumerate(values[1:], start=1):
+        out = torch.where(index == position, value, out)
+    return out
+
+
 def sample_concat_blend_params(active: torch.Tensor, *, splits: Sequence[str], flips: Sequence[bool],
                                blend_width: float, lam: float, num_fractals: int,
                                generator: torch.Generator) -> ConcatBlendParams:
@@ -113,10 +123,8 @@ def sample_concat_blend_params(active: torch.Tensor, *, splits: Sequence[str], f
     if num_fractals < 1:
         raise ValueError("the fractal bank is empty")
     device, size = active.device, active.shape[0]
-    codes = torch.tensor([_check_split(s) for s in splits], device=device)
-    flip_set = torch.tensor([bool(f) for f in flips], device=device)
-    split = codes[torch.randint(len(codes), (size,), generator=generator, device=device)]
-    flip = flip_set[torch.randint(len(flip_set), (size,), generator=generator, device=device)]
+    split = _choose([_check_split(s) for s in splits], size, generator)
+    flip = _choose([int(bool(f)) for f in flips], size, generator).bool()
     fractal_index = torch.randint(num_fractals, (size,), generator=generator, device=device)
     return ConcatBlendParams(
         split=torch.where(active, split, torch.full_like(split, SPLIT_NONE)),

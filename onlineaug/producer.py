@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +34,7 @@ import numpy as np
 from onlineaug.pool import PoolSpec, unlink_segments
 
 EXIT_REPORTED_ERROR = 3
+PRODUCER_ENV = "ONLINEAUG_PRODUCER"  # set in producer processes
 
 
 class ProducerError(RuntimeError):
@@ -55,40 +58,48 @@ class ProducerConfig:
     image_size: int
     batch_size: int
     seed: int
+    trainer_rank: int = 0  # in distributed training: producers of different trainers draw different sources
     compile_unet: bool = False
     num_threads: int | None = None
 
 
-def _watch_parent(stdin, spec: PoolSpec) -> None:
+def _watch_parent(stdin, spec: PoolSpec, parent_pid: int) -> None:
     """Exit the process (after removing the pool's segments) once the trainer is gone.
 
-    The trainer holds the write end of this process's stdin; reading returns EOF when the trainer exits,
-    however it exits (SIGKILL included).
+    The trainer holds the write end of this process's stdin, so reading it returns EOF when the trainer
+    exits, however it exits (SIGKILL included). Processes forked from the trainer (DataLoader workers)
+    inherit that write end too, so the parent pid is also watched: it changes when the trainer dies.
     """
-    while stdin.read(65536):
-        pass
+    while os.getppid() == parent_pid:
+        readable, _, _ = select.select([stdin], [], [], 0.5)
+        if readable and not os.read(stdin.fileno(), 65536):
+            break
     unlink_segments(spec)
     os._exit(0)
 
 
 def subprocess_main() -> None:
     """Entry point of a producer process (see :meth:`ProducerGroup._start`)."""
+    parent_pid = os.getppid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the trainer's to handle; it stops the producers
+    os.environ[PRODUCER_ENV] = "1"
     stdin = sys.stdin.buffer
     size = int.from_bytes(stdin.read(8), "little")
     launch = pickle.loads(stdin.read(size))  # only the standard library is needed to read the launch record
-    sys.path[:] = launch["sys_path"]
-    if launch["main_path"]:  # the config refers to classes defined in the user's script: import it, as spawn does
-        import runpy
-
-        main = runpy.run_path(launch["main_path"], run_name="__mp_main__")
-        module = types.ModuleType("__mp_main__")
-        module.__dict__.update(main)
-        sys.modules["__main__"] = sys.modules["__mp_main__"] = module
-    config, spec = pickle.loads(launch["config"])
-    threading.Thread(target=_watch_parent, args=(stdin, spec), daemon=True, name="onlineaug-parent-watch").start()
     try:
+        sys.path[:] = launch["sys_path"]
+        if launch["main_path"]:  # the config refers to classes defined in the user's script: import it, as spawn does
+            import runpy
+
+            main = runpy.run_path(launch["main_path"], run_name="__mp_main__")
+            module = types.ModuleType("__mp_main__")
+            module.__dict__.update(main)
+            sys.modules["__main__"] = sys.modules["__mp_main__"] = module
+        config, spec = pickle.loads(launch["config"])
+        threading.Thread(target=_watch_parent, args=(stdin, spec, parent_pid), daemon=True,
+                         name="onlineaug-parent-watch").start()
         _produce_forever(config, spec, launch["generation"])
-    except BaseException:  # noqa: BLE001 - every failure must reach the trainer
+    except BaseException:  # noqa: BLE001 - every failure, start-up included, must reach the trainer
         with open(launch["error_path"], "w", encoding="utf-8") as report:
             report.write(traceback.format_exc())
         sys.stdout.flush()
@@ -100,7 +111,7 @@ def _produce_forever(config: ProducerConfig, spec: PoolSpec, generation: int) ->
     import torch
 
     from onlineaug.generators import load_pipeline
-    from onlineaug.images import load_item
+    from onlineaug.images import load_image, resize_uint8
     from onlineaug.pool import SamplePool
     from onlineaug.recipes.base import SourceBatch
     from onlineaug.seeding import numpy_generator, torch_generator
@@ -114,18 +125,20 @@ def _produce_forever(config: ProducerConfig, spec: PoolSpec, generation: int) ->
     recipe = config.recipe
     pipeline = load_pipeline(config.generator, recipe.generator_task, device=config.device,
                              compile_unet=config.compile_unet, seed=config.seed)
-    generator = torch_generator(config.seed, "producer", config.rank, generation, device=device)
+    role = f"trainer{config.trainer_rank}/producer"  # streams differ by trainer, producer rank and restart
+    generator = torch_generator(config.seed, role, config.rank, generation, device=device)
     recipe.prepare(pipeline, config.dataset, device=device, generator=generator)
-    sources_rng = numpy_generator(config.seed, "producer-sources", config.rank, generation)
-    size = recipe.generation_size
+    sources_rng = numpy_generator(config.seed, f"{role}/sources", config.rank, generation)
     rank = config.rank
-    pool.started_ns[rank] = time.monotonic_ns()
+    if pool.started_ns[rank] == 0:  # the first start: a restarted producer adds to the same counters
+        pool.started_ns[rank] = time.monotonic_ns()
     while True:
         start = time.monotonic_ns()
         indices = sources_rng.integers(0, len(config.dataset), size=config.batch_size)
-        items = [load_item(config.dataset, int(i), size, config.num_classes) for i in indices]
+        items = [load_image(config.dataset, int(i), config.num_classes) for i in indices]
         sources = SourceBatch(
-            images=torch.stack([image for image, _ in items]).to(device),
+            images=torch.stack([resize_uint8(image, recipe.generation_size) for image, _ in items]).to(device),
+            originals=torch.stack([resize_uint8(image, config.image_size) for image, _ in items]),
             labels=torch.tensor([label for _, label in items], dtype=torch.int64),
             indices=torch.from_numpy(indices.astype(np.int64)),
         )

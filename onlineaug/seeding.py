@@ -9,6 +9,7 @@ forked workers cannot happen).
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import torch
@@ -30,12 +31,13 @@ def numpy_generator(seed: int, role: str, rank: int = 0, epoch: int = 0) -> np.r
     return np.random.default_rng(derive_seed(seed, role, rank, epoch))
 
 
-def sample_gamma(shape: float, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Gamma(shape, 1) samples on the generator's device, by Marsaglia and Tsang (2000).
+def sample_log_gamma(shape: float, size: int, generator: torch.Generator) -> torch.Tensor:
+    """log of Gamma(shape, 1) samples on the generator's device, by Marsaglia and Tsang (2000).
 
-    Vectorised with a fixed number of proposal rounds (acceptance is above 95% per round for
-    shape >= 1, so 16 rounds leave a failure probability below 1e-20); shape < 1 uses the boost
-    Gamma(a) = Gamma(a + 1) * U ** (1 / a). No host synchronisation.
+    Vectorised with a fixed number of proposal rounds (acceptance is above 95% per round for shape >= 1,
+    so 16 rounds leave a failure probability below 1e-20); shape < 1 uses the boost
+    Gamma(a) = Gamma(a + 1) * U ** (1 / a), in log space so that small shapes do not underflow to 0.
+    No host synchronisation.
     """
     if shape <= 0:
         raise ValueError(f"gamma shape must be > 0, got {shape}")
@@ -48,16 +50,22 @@ def sample_gamma(shape: float, size: int, generator: torch.Generator) -> torch.T
     z = torch.randn(rounds, size, generator=generator, device=device)
     u = torch.rand(rounds, size, generator=generator, device=device)
     v = (1 + c * z) ** 3
-    accept = (v > 0) & (torch.log(u.clamp_min(1e-30)) < 0.5 * z**2 + d - d * v + d * torch.log(v.clamp_min(1e-30)))
+    log_v = torch.log(v.clamp_min(1e-30))
+    accept = (v > 0) & (torch.log(u.clamp_min(1e-30)) < 0.5 * z**2 + d - d * v + d * log_v)
     first = torch.argmax(accept.to(torch.int8), dim=0)  # first accepted round (0 if none: negligible)
-    samples = (d * v).gather(0, first[None]).squeeze(0)
+    log_samples = (math.log(d) + log_v).gather(0, first[None]).squeeze(0)
     if boost:
-        samples = samples * torch.rand(size, generator=generator, device=device) ** (1.0 / shape)
-    return samples
+        u_boost = torch.rand(size, generator=generator, device=device).clamp_min(1e-30)
+        log_samples = log_samples + torch.log(u_boost) / shape
+    return log_samples
+
+
+def sample_gamma(shape: float, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Gamma(shape, 1) samples on the generator's device (see :func:`sample_log_gamma`)."""
+    return sample_log_gamma(shape, size, generator).exp()
 
 
 def sample_beta(alpha: float, beta: float, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Beta(alpha, beta) samples on the generator's device (as a ratio of two Gamma draws)."""
-    x = sample_gamma(alpha, size, generator)
-    y = sample_gamma(beta, size, generator)
-    return x / (x + y)
+    """Beta(alpha, beta) samples on the generator's device: X / (X + Y) for X ~ Gamma(alpha), Y ~ Gamma(beta),
+    computed as sigmoid(log X - log Y), finite for any alpha, beta > 0."""
+    return torch.sigmoid(sample_log_gamma(alpha, size, generator) - sample_log_gamma(beta, size, generator))

@@ -145,6 +145,13 @@ def test_beta_sampler_matches_the_distribution_moments(alpha, beta):
     assert abs(x.var().item() - var) < 0.03 * var + 1e-4
 
 
+@pytest.mark.parametrize("alpha", [0.01, 0.05])
+def test_beta_sampler_stays_finite_for_small_alpha(alpha):
+    x = sample_beta(alpha, alpha, 200_000, torch.Generator().manual_seed(0))
+    assert torch.isfinite(x).all() and ((x >= 0) & (x <= 1)).all()
+    assert abs(x.mean().item() - 0.5) < 0.01  # symmetric
+
+
 def test_gamma_sampler_rejects_a_bad_shape():
     with pytest.raises(ValueError, match="gamma shape must be > 0"):
         sample_gamma(0.0, 4, torch.Generator())

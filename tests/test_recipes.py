@@ -85,14 +85,15 @@ def test_genmix_produce_with_the_tiny_generator():
     recipe = get_recipe("genmix", generation_size=32, num_inference_steps=2)
     pipeline = load_pipeline("tiny", recipe.generator_task)
     g = torch.Generator().manual_seed(0)
-    sources = SourceBatch(images=torch.randint(0, 256, (3, 3, 32, 32), generator=g, dtype=torch.uint8),
-                          labels=torch.tensor([1, 2, 3]), indices=torch.tensor([10, 11, 12]))
+    images = torch.randint(0, 256, (3, 3, 32, 32), generator=g, dtype=torch.uint8)
+    sources = SourceBatch(images=images, originals=resize_uint8(images, 16), labels=torch.tensor([1, 2, 3]),
+                          indices=torch.tensor([10, 11, 12]))
     payload = recipe.produce(pipeline, sources, image_size=16, generator=torch.Generator().manual_seed(1))
     fields = recipe.pool_fields(16)
     assert set(payload) == set(fields)
     for name, field in fields.items():
         assert tuple(payload[name].shape) == (3, *field.shape) and str(payload[name].dtype) == f"torch.{field.dtype}"
-    assert torch.equal(payload["original"], resize_uint8(sources.images, 16))
+    assert torch.equal(payload["original"], sources.originals)
     assert torch.equal(payload["label"], sources.labels) and torch.equal(payload["index"], sources.indices)
     assert ((payload["prompt_id"] >= 0) & (payload["prompt_id"] < len(recipe.prompts))).all()
     again = recipe.produce(pipeline, sources, image_size=16, generator=torch.Generator().manual_seed(1))

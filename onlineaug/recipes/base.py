@@ -47,7 +47,8 @@ from onlineaug.pool import Field
 class SourceBatch:
     """Source samples handed to :meth:`Recipe.produce` (on the producer's device)."""
 
-    images: torch.Tensor  # uint8 (n, 3, G, G) at the recipe's generation size
+    images: torch.Tensor  # uint8 (n, 3, G, G) at the recipe's generation size, on the producer's device
+    originals: torch.Tensor  # uint8 (n, 3, S, S): the same images at the training size (as real samples are)
     labels: torch.Tensor  # int64 (n,)
     indices: torch.Tensor  # int64 (n,) dataset indices
 

@@ -8,7 +8,7 @@ Diffusion Models." CVPR 2024. Eq. 3-4:
 
 As the official code does it: InstructPix2Pix with the EulerAncestral scheduler, guidance scale 4, image
 guidance 1.5, a 256 px generation size, nine filter-like prompts used as the edit instruction, a top/bottom or
-left/right split. Here the split has a 20 px linear ramp at the generation size (scaled to the training size)
+left/right split. Here the split has a 20 px linear ramp at 256 px (scaled to the training size)
 and the label is preserved. The producer edits; the mask, the fractal and the blend are drawn at batch time,
 so every reuse of a pooled edit is a different training image.
 """
@@ -79,8 +79,12 @@ class DiffuseMix(Recipe):
         return self.prompt_template.format(prompt=self.prompts[prompt_id])
 
     def blend_width_at(self, image_size: int) -> float:
-        """The ramp width in pixels at the training size (``blend_width`` is given at the generation size)."""
-        return self.blend_width * image_size / self.generation_size
+        """The ramp width in pixels at the training size.
+
+        ``blend_width`` is in pixels at the paper's generation size (``default_generation_size``), so the ramp
+        keeps the same share of the image at any training size, whatever generation size is chosen for speed.
+        """
+        return self.blend_width * image_size / self.default_generation_size
 
     # ----------------------------------------------------------------------------------- producer side
     def pool_fields(self, image_size: int) -> dict[str, Field]:
@@ -105,7 +109,7 @@ class DiffuseMix(Recipe):
         ).images
         edited = edited.float().clamp(0, 1).mul(255).round().to(torch.uint8)
         return {
-            "original": resize_uint8(sources.images, image_size),
+            "original": sources.originals,
             "generated": resize_uint8(edited, image_size),
             "label": sources.labels,
             "index": sources.indices,

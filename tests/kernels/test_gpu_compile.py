@@ -33,7 +33,7 @@ def compile_all() -> None:
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
                  if (signature[name].startswith("*") or name in div16)}
         full = {name: ("constexpr" if name in constexprs else ty) for name, ty in signature.items()}
-        src = ASTSource(_backend.jit(fn), full, constexprs=constexprs, attrs=attrs)
+        src = ASTSource(_backend.jit(fn).kernel, full, constexprs=constexprs, attrs=attrs)
         ptx = triton_compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, **options)).asm["ptx"]
         print(f"compiled {fn.__name__} {constexprs}", flush=True)
         return ptx
