@@ -44,9 +44,9 @@ def shapes():
 
 
 @pytest.mark.slow
-def test_genmix_end_to_end_with_a_real_producer(shapes):
+def test_genmix_end_to_end_with_a_real_producer(shapes, device):
     loader = OnlineGenAugLoader(shapes, recipe="genmix", num_classes=10, batch_size=8, p_aug=0.5, pool_size=16,
-                                max_reuse=4, seed=0, warmup=4, **TINY)
+                                max_reuse=4, seed=0, warmup=4, device=device, **TINY)
     with loader:
         assert len(loader) == 8 and loader.dataset is shapes
         batches = []
@@ -58,7 +58,7 @@ def test_genmix_end_to_end_with_a_real_producer(shapes):
         assert all(os.path.exists(f) for f in files)
     assert not any(os.path.exists(f) for f in files)  # close() freed every segment
     for images, targets in batches:
-        assert images.shape == (8, 3, SIZE, SIZE) and images.dtype == torch.float32
+        assert images.shape == (8, 3, SIZE, SIZE) and images.dtype == torch.float32 and images.device == device
         assert targets.shape == (8, 10)
         torch.testing.assert_close(targets.sum(1), torch.ones(8))
         assert ((targets == 0) | (targets == 1)).all()  # GenMix preserves labels: one-hot targets
@@ -255,10 +255,10 @@ def test_unpicklable_datasets_are_refused_up_front():
         OnlineGenAugLoader(dataset, recipe="genmix", num_classes=10, batch_size=1, **TINY)
 
 
-def test_batches_are_deterministic_by_seed_and_epoch(shapes):
-    def first_batch(seed, epoch):
+def test_batches_are_deterministic_by_seed_and_epoch(shapes, device):
+    def first_batch(seed, epoch, rank=0):
         loader = OnlineGenAugLoader(shapes, recipe="cutmix", num_classes=10, batch_size=8, image_size=SIZE,
-                                    p_aug=1.0, seed=seed, num_workers=0)
+                                    p_aug=1.0, seed=seed, num_workers=0, device=device, rank=rank)
         loader.set_epoch(epoch)
         return next(iter(loader))
 
@@ -266,6 +266,7 @@ def test_batches_are_deterministic_by_seed_and_epoch(shapes):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.equal(a[0], first_batch(1, 0)[0])
     assert not torch.equal(a[0], first_batch(0, 1)[0])
+    assert not torch.equal(a[0], first_batch(0, 0, rank=1)[0])  # distributed ranks draw different batches
 
 
 README_SNIPPET = textwrap.dedent("""
@@ -349,3 +350,110 @@ def test_stats_count_served_batches_and_breaking_out_stops_the_prefetch_thread(s
     assert stats["batches"] == 1 and stats["real"] + stats["generated"] == 8
     iterator.close()
     assert wait_until(lambda: not any(t.name == "onlineaug-prefetch" for t in threading.enumerate()), timeout=5)
+
+
+def denormalize(images):
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return (images.cpu() * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
+
+
+@pytest.mark.slow
+def test_generated_rows_are_the_pooled_original_over_its_edit(shapes, device):
+    """With a hard top/bottom mask and no fractal, a generated row's top half is a dataset image of the row's
+    label (the pooled original) and its bottom half is the edit; real rows are dataset images."""
+    options = {"num_inference_steps": 2, "lam": 0.0, "blend_width": 0.0, "splits": ("top_bottom",),
+               "flips": (False,)}
+    loader = OnlineGenAugLoader(shapes, recipe="genmix", num_classes=10, batch_size=8, p_aug=0.5, pool_size=8,
+                                warmup=4, device=device, **dict(TINY, recipe_options=options))
+    originals = torch.stack([shapes[i][0] for i in range(len(shapes))])
+    labels = torch.tensor([shapes[i][1] for i in range(len(shapes))])
+    half = SIZE // 2
+    generated_rows = 0
+    with loader:
+        for images, targets in loader:
+            pixels, label_of_row = denormalize(images), targets.argmax(1).cpu()
+            for row in range(8):
+                whole = (originals == pixels[row]).flatten(1).all(1)
+                top = (originals[:, :, :half] == pixels[row, :, :half]).flatten(1).all(1)
+                if whole.any():  # a real sample
+                    assert (labels[whole] == label_of_row[row]).all()
+                    continue
+                generated_rows += 1
+                assert top.any(), "the top half of a generated row must be its (pooled) original"
+                assert (labels[top] == label_of_row[row]).all(), "the target must be the original's label"
+    assert generated_rows > 0 and generated_rows == loader.stats()["generated"]
+
+
+def test_a_torn_read_keeps_the_real_sample(monkeypatch):
+    from onlineaug.batching import BatchAssembler
+    from onlineaug.pool import SamplePool
+    from onlineaug.recipes import get_recipe
+
+    recipe = get_recipe("diffusemix", generation_size=64)
+    pool = SamplePool.create(recipe.pool_fields(8), num_slots=4, num_producers=1, max_reuse=8)
+    try:
+        for slot in range(4):
+            pool.write(slot, {"original": np.full((3, 8, 8), 200, np.uint8), "generated": np.zeros((3, 8, 8), np.uint8),
+                              "label": np.int64(9), "index": np.int64(0), "prompt_id": np.int64(0)})
+        assembler = BatchAssembler(recipe, pool, device=torch.device("cpu"), image_size=8, p_aug=1.0)
+        real = torch.full((4, 3, 8, 8), 7, dtype=torch.uint8)
+        read = pool.read
+
+        def torn_on_slot_1(slot, seq, out):  # the copy lands, then the producer is seen to have started a write
+            result = read(slot, seq, out)
+            return None if slot == 1 else result
+
+        monkeypatch.setattr(pool, "read", torn_on_slot_1)
+        ready = assembler.assemble(real.clone(), torch.tensor([0, 1, 2, 3]), np.random.default_rng(0))
+        generated = ready.batch.generated.tolist()
+        assert generated.count(False) == 1 and ready.counts["misses"] == 1 and ready.counts["generated"] == 3
+        kept = generated.index(False)
+        assert (ready.batch.fields["original"][kept] == 7).all() and ready.batch.fields["label"][kept] == kept
+        for row in (r for r in range(4) if generated[r]):
+            assert (ready.batch.fields["original"][row] == 200).all() and ready.batch.fields["label"][row] == 9
+    finally:
+        pool.close()
+
+
+def test_epochs_reshuffle_without_set_epoch_and_set_epoch_replays(shapes):
+    loader = OnlineGenAugLoader(shapes, recipe="none", num_classes=10, batch_size=64, image_size=SIZE, num_workers=0)
+    first, second = next(iter(loader))[0], next(iter(loader))[0]
+    assert not torch.equal(first, second) and loader.epoch == 1
+    loader.set_epoch(0)
+    torch.testing.assert_close(next(iter(loader))[0], first, rtol=0, atol=0)
+
+
+def test_a_sampler_works_with_the_default_arguments(shapes):
+    sampler = torch.utils.data.SequentialSampler(shapes)
+    loader = OnlineGenAugLoader(shapes, recipe="none", num_classes=10, batch_size=4, image_size=SIZE,
+                                num_workers=0, sampler=sampler)
+    images, _ = next(iter(loader))
+    expected = torch.stack([shapes[i][0] for i in range(4)])
+    torch.testing.assert_close(denormalize(images), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="either sampler or shuffle=True"):
+        OnlineGenAugLoader(shapes, recipe="none", num_classes=10, sampler=sampler, shuffle=True)
+
+
+UNGUARDED_SCRIPT = textwrap.dedent("""
+    import torch
+    from onlineaug import OnlineGenAugLoader
+
+    class Plain(torch.utils.data.Dataset):   # defined in the script, and no main guard below
+        def __len__(self):
+            return 16
+        def __getitem__(self, index):
+            return torch.zeros((3, 32, 32), dtype=torch.uint8), 0
+
+    loader = OnlineGenAugLoader(Plain(), recipe="diffusemix", num_classes=4, batch_size=4, image_size=32,
+                                generation_size=32, warmup=1, num_workers=0, pool_size=4, progress=False)
+    with loader:
+        next(iter(loader))
+""")
+
+
+@pytest.mark.slow
+def test_a_script_without_a_main_guard_gets_a_clear_error(tmp_path):
+    result = run_script(tmp_path, UNGUARDED_SCRIPT)
+    assert result.returncode != 0
+    assert "ProducerError" in result.stderr and 'if __name__ == "__main__":' in result.stderr

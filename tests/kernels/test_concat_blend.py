@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from kernels import _backend
+
 from kernel_testing import FLOAT_DTYPES, SHAPES, assert_close, generator, mean_std, rand_uint8
 
 from kernels import (
@@ -46,6 +48,9 @@ def test_kernel_matches_reference(device, shape, out_dtype):
 
 
 def test_auto_and_torch_backends_agree(device):
+    # "auto" is Triton on CUDA (so this compares kernel and reference there) and torch elsewhere
+    expected = "triton" if device.type == "cuda" else "torch"
+    assert _backend.resolve_backend("auto", device, "concat_blend_normalize") == expected
     (orig, gen, frac), params = sample_inputs((3, 3, 17, 16), device, seed=1)
     auto = concat_blend_normalize(orig, gen, frac, **params)  # triton on CUDA, torch on CPU
     torch_ = concat_blend_normalize(orig, gen, frac, **params, backend="torch")
