@@ -8,6 +8,7 @@ appended by the scripts, never written by hand.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.metadata
 import json
@@ -20,6 +21,9 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import torch
+
+from onlineaug.devices import parse_device
+from onlineaug.tables import format_value
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -117,23 +121,23 @@ def environment(*devices: torch.device | str) -> dict:
     }
 
 
+@contextlib.contextmanager
+def torch_threads(count: int | None):
+    """Run the block with ``torch.set_num_threads(count)`` (unchanged if None); restore afterwards."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def resolve_device(value: str | None) -> torch.device:
     """``value`` as a device (default: ``cuda`` when one is available, else ``cpu``), checked."""
     if value is None:
         value = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(value)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device {value!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") from error
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {value!r} asks for CUDA but torch.cuda.is_available() is False; use 'cpu'")
-        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
-        if device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise ValueError(f"device {value!r}: only 'cpu' and CUDA devices are supported")
-    return device
+    return parse_device(value)
 
 
 # ------------------------------------------------------------------------------------------- peak FLOPs
@@ -236,23 +240,6 @@ def pyplot():
     return plt
 
 
-def format_value(value, digits: int = 3) -> str:
-    """A table cell: None -> "n/a", floats to ``digits`` significant digits, the rest as str."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return "n/a"
-        if value == 0:
-            return "0"
-        if abs(value) >= 10 ** digits:
-            return f"{value:,.0f}"
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
 def format_percent(value: float | None, signed: bool = False) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
@@ -268,16 +255,6 @@ def markdown_table(columns: Sequence[str], rows: Iterable[Sequence]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def text_table(columns: Sequence[str], rows: Iterable[Sequence]) -> str:
-    """A plain aligned table for the terminal."""
-    body = [[v if isinstance(v, str) else format_value(v) for v in row] for row in rows]
-    widths = [max(len(str(c)), *(len(r[i]) for r in body)) if body else len(str(c)) for i, c in enumerate(columns)]
-    line = "  ".join(str(c).ljust(w) for c, w in zip(columns, widths))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in body]
-    return "\n".join(out)
 
 
 def describe_environment(env: Mapping) -> str:

@@ -40,8 +40,9 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 import torch
 
 from benchmarks import common
+from onlineaug.generators.tasks import TASKS
+from onlineaug.tables import text_table
 
-TASKS = ("instruct-pix2pix", "img2img", "text2img")
 PROMPT = "autumn"  # DiffuseMix's first prompt; the instruction text does not change the cost
 TEXT_PROMPT = "a photo of a golden retriever"
 NEGATIVE_PROMPT = "blurry, low quality, distorted, cartoon, text, watermark"
@@ -232,7 +233,7 @@ def ours_call(pipe, settings: dict, images: torch.Tensor, generator: torch.Gener
             recipe = DiffuseMix(num_inference_steps=settings["steps"], guidance_scale=settings["guidance_scale"],
                                 image_guidance_scale=settings["image_guidance_scale"],
                                 generation_size=settings["size"])
-            sources = SourceBatch(images=images, labels=torch.zeros(count, dtype=torch.int64),
+            sources = SourceBatch(images=images, originals=images.cpu(), labels=torch.zeros(count, dtype=torch.int64),
                                   indices=torch.arange(count))
             payload = recipe.produce(pipe, sources, image_size=settings["size"], generator=generator)
         else:
@@ -331,13 +332,8 @@ def _memory(device: torch.device) -> float | None:
 def benchmark(args: argparse.Namespace, *, progress: bool = True) -> dict:
     """Run the baseline and ours; return the result (nothing written). ``args`` from :func:`build_parser`."""
     settings = resolve_settings(args)
-    threads = torch.get_num_threads()
-    if settings["threads"]:
-        torch.set_num_threads(settings["threads"])
-    try:
+    with common.torch_threads(settings["threads"]):
         return _benchmark(settings, progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _benchmark(settings: dict, progress: bool) -> dict:
@@ -529,7 +525,7 @@ def print_summary(result: dict) -> None:
     print(f"generator benchmark: {s['task']}, {s['size']} px, {s['steps']} steps, guidance {s['guidance_scale']}, "
           f"on {result['device']}")
     print(f"weights: {result['weights']['description']}: {result['weights']['label']}")
-    print(common.text_table(TABLE_COLUMNS, table_rows(result)))
+    print(text_table(TABLE_COLUMNS, table_rows(result)))
     best = result["best"]
     mfu = common.format_percent(best["mfu"])
     print(f"best: batch {best['batch_size']}, {best['images_per_s']:.3g} images/s "

@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import Dataset
 
 from benchmarks import common
+from onlineaug.tables import text_table
 
 ONLINE_RECIPES = ("genmix", "diffusemix", "cutmix", "mixup", "none")
 BASELINES = ("tv-cutmix", "tv-mixup", "timm-cutmix", "timm-mixup")
@@ -413,13 +414,8 @@ def train(provider: Provider, settings: dict, device: torch.device) -> dict:
 def benchmark(args: argparse.Namespace, *, progress: bool = True) -> dict:
     """Run every provider on the same loop; return the result (nothing written). ``args`` from :func:`build_parser`."""
     settings = resolve_settings(args)
-    threads = torch.get_num_threads()
-    if settings["threads"]:
-        torch.set_num_threads(settings["threads"])
-    try:
+    with common.torch_threads(settings["threads"]):
         return _benchmark(settings, progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _benchmark(settings: dict, progress: bool) -> dict:
@@ -568,7 +564,7 @@ def print_summary(result: dict) -> None:
     print(f"overhead benchmark: {s['model']}, batch {s['batch_size']}, {s['image_size']} px, {s['steps']} timed steps "
           f"(after {s['warmup_steps']}), AMP {'on (' + s['amp_dtype'] + ')' if s['amp'] else 'off'}, trainer "
           f"{s['device']} ({result['device']}), producer {', '.join(s['generator_devices'])} ({s['generator']})")
-    print(common.text_table(TABLE_COLUMNS, table_rows(result)))
+    print(text_table(TABLE_COLUMNS, table_rows(result)))
     if result["vanilla_drift"] is not None:
         print(f"vanilla run-to-run drift: {result['vanilla_drift'] * 100:+.1f}% (A_O within that is noise)")
     t = result["targets"]

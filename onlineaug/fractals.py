@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from onlineaug.devices import parse_device
+
 __all__ = ["FractalBank", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -49,13 +51,6 @@ def _check_int(name: str, value, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
-
-
-def _as_device(device) -> torch.device:
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device must be a torch.device or a string like 'cpu' or 'cuda:0', got {device!r}") from err
 
 
 class FractalBank:
@@ -86,7 +81,7 @@ class FractalBank:
 
     def to(self, device) -> FractalBank:
         """The bank on ``device`` (``self`` if it is already there)."""
-        device = _as_device(device)
+        device = parse_device(device)
         images = self.images.to(device)
         return self if images is self.images else FractalBank(images)
 
@@ -97,13 +92,6 @@ class FractalBank:
                             antialias=size < self.size)
         return FractalBank(out.round_().clamp_(0, 255).to(torch.uint8))
 
-    def sample_indices(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        """``batch_size`` uniform random indices into the bank: int64 (batch_size,) on ``generator.device``."""
-        batch_size = _check_int("batch_size", batch_size, 0)
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        return torch.randint(len(self), (batch_size,), generator=generator, device=generator.device)
-
     @classmethod
     def procedural(cls, count: int = 64, size: int = 64, *, seed: int = 0, device="cpu") -> FractalBank:
         """``count`` random IFS fractals of ``size`` x ``size`` pixels, generated on ``device``.
@@ -113,7 +101,7 @@ class FractalBank:
         count = _check_int("count", count, 1)
         size = _check_int("size", size, _MIN_SIZE)
         seed = _check_int("seed", seed, 0)
-        device = _as_device(device)
+        device = parse_device(device)
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
         accepted: list[torch.Tensor] = []
@@ -135,7 +123,7 @@ class FractalBank:
         from PIL import Image
 
         size = _check_int("size", size, _MIN_SIZE)
-        device = _as_device(device)
+        device = parse_device(device)
         folder = Path(path)
         if not folder.exists():
             raise FileNotFoundError(f"fractal folder {str(folder)!r} does not exist")

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from onlineaug.batching import BatchAssembler, prefetch_batches
+from onlineaug.devices import parse_device
 from onlineaug.images import UInt8ImageDataset
 from onlineaug.pool import SamplePool, check_shm_capacity
 from onlineaug.producer import PRODUCER_ENV, ProducerConfig, ProducerGroup
@@ -31,24 +32,6 @@ from onlineaug.seeding import derive_seed, numpy_generator, torch_generator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _parse_device(value, what: str) -> torch.device:
-    try:
-        device = torch.device(value)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"{what}={value!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") from error
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"{what}={value!r} asks for CUDA but torch.cuda.is_available() is False on this "
-                             f"machine; use 'cpu'")
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"{what}={value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        device = torch.device("cuda", index)
-    elif device.type != "cpu":
-        raise ValueError(f"{what}={value!r}: only 'cpu' and CUDA devices are supported")
-    return device
 
 
 class _Resources:
@@ -158,11 +141,11 @@ class OnlineGenAugLoader:
                 raise ValueError("with a Recipe instance, set its generation size on the recipe itself")
             options["generation_size"] = generation_size  # validated by the recipe
         self.recipe = get_recipe(recipe, **options)
-        self.device = _parse_device(device, "device")
+        self.device = parse_device(device, "device")
         self.generative = self.recipe.generator_task is not None
         if isinstance(generator_devices, (str, torch.device)):
             generator_devices = [generator_devices]
-        self.generator_devices = [str(_parse_device(d, "generator_devices")) for d in generator_devices] \
+        self.generator_devices = [str(parse_device(d, "generator_devices")) for d in generator_devices] \
             if self.generative else []
         if self.generative and not self.generator_devices:
             raise ValueError(f"recipe {self.recipe.name!r} needs at least one generator device")

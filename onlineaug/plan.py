@@ -29,6 +29,8 @@ import platform
 import sys
 from pathlib import Path
 
+from onlineaug.tables import format_value, text_table
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IN_CHECKOUT = (REPO_ROOT / "benchmarks").is_dir()
 DEFAULT_TABLE_P_AUG = (0.25, 0.5, 1.0)
@@ -121,26 +123,6 @@ def plan_table(trainer_images_per_s: float, producer_images_per_s: float, *, tra
 
 
 # ------------------------------------------------------------------------------------------------- text
-def _fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if abs(value) >= 1000:
-            return f"{value:,.0f}"
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
-def _table(columns, rows) -> str:
-    cells = [[_fmt(v) for v in row] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
-    return "\n".join(lines)
-
-
 TABLE_COLUMNS = ("p_aug", "max_reuse", "needed fresh img/s", "exact G", "G", "G:T", "fresh img/s", "avg reuse",
                  "generated share", "GPU-h overhead")
 
@@ -154,16 +136,16 @@ def table_rows(rows: list[dict]) -> list[list]:
 def format_plan(result: dict) -> str:
     r = result
     lines = [
-        f"trainer: {r['trainer_gpus']} GPU(s) at {_fmt(r['trainer_images_per_s'])} images/s each; "
-        f"producer: {_fmt(r['producer_images_per_s'])} images/s per generator GPU",
+        f"trainer: {r['trainer_gpus']} GPU(s) at {format_value(r['trainer_images_per_s'])} images/s each; "
+        f"producer: {format_value(r['producer_images_per_s'])} images/s per generator GPU",
         f"target: p_aug = {r['p_aug']:g} generated per batch, each generated sample served at most "
         f"{r['max_reuse']} times",
-        f"  demand       = p_aug x R_train x T          = {_fmt(r['demand_images_per_s'])} generated serves/s",
-        f"  needed fresh = demand / max_reuse           = {_fmt(r['needed_fresh_images_per_s'])} images/s",
+        f"  demand       = p_aug x R_train x T          = {format_value(r['demand_images_per_s'])} generated serves/s",
+        f"  needed fresh = demand / max_reuse           = {format_value(r['needed_fresh_images_per_s'])} images/s",
         f"  generator GPUs = needed / R_gen             = {r['generator_gpus_exact']:.3g} -> "
         f"{'G = ' + str(r['generator_gpus']) + (' (given)' if r['generator_gpus_given'] else ' (ceil)')}",
-        f"  fresh rate   = G x R_gen                    = {_fmt(r['fresh_images_per_s'])} images/s",
-        f"  average reuse                               = {_fmt(r['average_reuse'])} (max {r['max_reuse']})",
+        f"  fresh rate   = G x R_gen                    = {format_value(r['fresh_images_per_s'])} images/s",
+        f"  average reuse                               = {format_value(r['average_reuse'])} (max {r['max_reuse']})",
         f"  generated share sustained                   = {r['generated_share'] * 100:.1f}% "
         f"(misses {r['miss_share'] * 100:.1f}% of samples)",
         f"  generator:trainer GPUs = {r['ratio']}; GPU-hour overhead = G / T = {r['gpu_hour_overhead'] * 100:.0f}% "
@@ -329,7 +311,7 @@ def run_plan(args: argparse.Namespace) -> dict:
     print(format_plan(result))
     print()
     print(f"for other targets ({args.trainer_gpus} trainer GPU(s)):")
-    print(_table(TABLE_COLUMNS, table_rows(table)))
+    print(text_table(TABLE_COLUMNS, table_rows(table)))
 
     if args.out:
         print(f"wrote {_write_json(args.out, output)}")

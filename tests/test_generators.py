@@ -308,7 +308,7 @@ def test_unknown_task_names_valid_ones():
         (dict(seed=-1), ValueError, "seed"),
         (dict(seed=1.5), TypeError, "seed"),
         (dict(device="meta"), ValueError, "meta"),
-        (dict(device="gpu0"), ValueError, "invalid device"),
+        (dict(device="gpu0"), ValueError, "is not a device; use .cpu., .cuda. or .cuda:N."),
         (dict(compile_unet="yes"), TypeError, "compile_unet"),
     ],
 )

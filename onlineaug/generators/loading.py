@@ -30,6 +30,8 @@ from diffusers import (
 )
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from onlineaug.devices import parse_device
+
 from ._progress import quiet_progress_bars
 from .full_random import build_full_random_pipeline
 from .seeding import check_seed
@@ -174,19 +176,10 @@ def _check_spec(spec) -> str:
 
 
 def _check_device(device) -> torch.device:
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"invalid device {device!r}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was requested but torch.cuda.is_available() is False")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {str(device)!r} was requested but only {torch.cuda.device_count()} "
-                         f"CUDA device(s) are visible")
-    if device.type == "meta":
+    if str(device) == "meta":
         raise ValueError("device 'meta' cannot run a pipeline; use the build_* functions of "
                          "onlineaug.generators.full_random to count parameters")
-    return device
+    return parse_device(device)
 
 
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:

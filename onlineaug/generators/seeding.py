@@ -8,16 +8,11 @@ exit. The same seed, component name, device and torch version give the same weig
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Iterator
 
 import torch
 
-
-def component_seed(seed: int, name: str) -> int:
-    """A 63-bit seed derived from ``(seed, name)``, so components do not share a random stream."""
-    digest = hashlib.sha256(f"onlineaug.generators/{seed}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+from onlineaug.seeding import derive_seed
 
 
 @contextlib.contextmanager
@@ -27,7 +22,7 @@ def seeded(seed: int, name: str, device: torch.device | str = "cpu") -> Iterator
     cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
-        value = component_seed(seed, name)
+        value = derive_seed(seed, f"generators/{name}")  # components do not share a random stream
         torch.random.default_generator.manual_seed(value)
         if cuda_devices:
             with torch.cuda.device(cuda_devices[0]):
