@@ -12,17 +12,18 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["onlineaug", "onlineaug.*", "kernels", "kernels.*"]),
     install_requires=[
-        "torch>=2.4",
+        # floors are the versions this is tested with (the GPU machine: torch 2.11, triton 3.6)
+        "torch>=2.11",
         "numpy>=1.24",
         "pillow>=9",
         "tqdm>=4.60",
-        "diffusers>=0.30",
-        "transformers>=4.40",
+        "diffusers>=0.42",
+        "transformers>=5.0",
         "safetensors>=0.4",
     ],
     extras_require={
         # triton ships with the CUDA builds of torch; kornia/timm/torchvision are the baselines and helpers
-        "kernels": ["triton>=3.0"],
+        "kernels": ["triton>=3.6"],
         "bench": ["kornia>=0.7", "timm>=1.0", "torchvision>=0.19", "matplotlib>=3.7"],
         "dev": ["pytest>=8", "pytest-timeout>=2", "kornia>=0.7", "timm>=1.0", "torchvision>=0.19",
                 "matplotlib>=3.7"],
