@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import threading
 import time
 import weakref
 from typing import Mapping, Sequence
@@ -40,11 +39,8 @@ class _Resources:
     def __init__(self):
         self.pool: SamplePool | None = None
         self.producers: ProducerGroup | None = None
-        self.prefetch_stops: weakref.WeakSet[threading.Event] = weakref.WeakSet()
 
     def release(self) -> None:
-        for stop in list(self.prefetch_stops):  # prefetch threads of iterators still open stop touching the pool
-            stop.set()
         if self.producers is not None:
             self.producers.stop()
             self.producers = None
@@ -83,8 +79,8 @@ class OnlineGenAugLoader:
         max_restarts: producer restarts allowed (in total) before the loader raises.
         out_dtype: dtype of the returned images (float32, or float16/bfloat16 for AMP training).
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` for the batch-time kernels.
-        prefetch: batches assembled ahead of the training loop by a background thread (host copies from the
-            pool, and on CUDA the host-to-device copies on a side stream).
+        prefetch: batches assembled ahead of the one being trained on; on CUDA their host-to-device copies run
+            on a side stream meanwhile (0: assemble each batch when it is asked for).
         rank: this trainer's rank in distributed training, folded into every seed so that ranks draw and
             generate different samples (default: ``torch.distributed.get_rank()`` when initialised, else 0).
         progress: show a progress bar while waiting for ``warmup``.
@@ -100,7 +96,7 @@ class OnlineGenAugLoader:
                  generation_size: int | None = None, warmup: int = 0, warmup_timeout: float = 600.0,
                  recipe_options: Mapping | None = None, fractals=None, num_fractals: int = 64,
                  generator_batch_size: int = 4, compile_unet: bool = False, max_restarts: int = 3,
-                 out_dtype: torch.dtype = torch.float32, backend: str = "auto", prefetch: int = 2,
+                 out_dtype: torch.dtype = torch.float32, backend: str = "auto", prefetch: int = 1,
                  rank: int | None = None, progress: bool = True):
         if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
             raise TypeError(f"dataset must be a map-style dataset (with __getitem__ and __len__), got "
@@ -119,7 +115,7 @@ class OnlineGenAugLoader:
                                  ("pool_size", pool_size, 1), ("max_reuse", max_reuse, 1),
                                  ("num_workers", num_workers, 0), ("warmup", warmup, 0),
                                  ("generator_batch_size", generator_batch_size, 1), ("max_restarts", max_restarts, 0),
-                                 ("prefetch", prefetch, 1)):
+                                 ("prefetch", prefetch, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -221,7 +217,7 @@ class OnlineGenAugLoader:
         self._finalizer = weakref.finalize(self, self._resources.release)
         self._counts = {"batches": 0, "real": 0, "generated": 0, "fresh": 0, "reused": 0, "misses": 0}
         self._assembler = BatchAssembler(self.recipe, None, device=self.device, image_size=image_size,
-                                         p_aug=self.p_aug, ring_size=prefetch + 2)
+                                         p_aug=self.p_aug, ring_size=max(prefetch, 1) + 2)
 
     # ------------------------------------------------------------------------------------- lifecycle
     def start(self) -> "OnlineGenAugLoader":
@@ -317,10 +313,8 @@ class OnlineGenAugLoader:
         params_generator = torch_generator(self.seed, "params", self.rank, self.epoch, device=self.device)
         assembler = self._assembler
         assembler.pool = self.pool
-        stop = threading.Event()
-        self._resources.prefetch_stops.add(stop)
         batches = prefetch_batches(self._dataloader, lambda images, labels, _: assembler.assemble(images, labels, coins),
-                                   depth=self.prefetch, on_wait=self._poll_producers, stop=stop)
+                                   depth=self.prefetch, before_each=self._check_running)
         for ready in batches:
             batch = ready.wait()
             params = self.recipe.sample_params(batch, self.context, params_generator)
@@ -330,7 +324,9 @@ class OnlineGenAugLoader:
                 self._counts[key] += value
             yield mixed
 
-    def _poll_producers(self) -> None:
+    def _check_running(self) -> None:
+        if not self._finalizer.alive:
+            raise RuntimeError("this loader was closed while iterating over it")
         if self.producers is not None:
             self.producers.poll(min_interval_s=0.2)
 

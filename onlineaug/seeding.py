@@ -67,5 +67,7 @@ def sample_gamma(shape: float, size: int, generator: torch.Generator) -> torch.T
 
 def sample_beta(alpha: float, beta: float, size: int, generator: torch.Generator) -> torch.Tensor:
     """Beta(alpha, beta) samples on the generator's device: X / (X + Y) for X ~ Gamma(alpha), Y ~ Gamma(beta),
-    computed as sigmoid(log X - log Y), finite for any alpha, beta > 0."""
+    computed as sigmoid(log X - log Y), finite for any alpha, beta > 0. Beta(1, 1) is Uniform(0, 1)."""
+    if alpha == 1 and beta == 1:
+        return torch.rand(size, generator=generator, device=generator.device)
     return torch.sigmoid(sample_log_gamma(alpha, size, generator) - sample_log_gamma(beta, size, generator))
