@@ -182,6 +182,12 @@ def run_demo(args: argparse.Namespace) -> dict:
         recipe_settings = loader.recipe.describe()
 
     overhead = (augmented["seconds"] - vanilla["seconds"]) / vanilla["seconds"]
+    notes = []
+    generator_devices = args.generator_device or ["cpu"]
+    if device.type == "cpu" and any(torch.device(d).type == "cpu" for d in generator_devices):
+        notes.append(f"the producer runs on the same {os.cpu_count()} CPU cores as the trainer, so A_O here is "
+                     f"mostly their contention; with generators on other devices (--generator-device cuda:1) "
+                     f"it measures what the trainer pays (benchmarks/overhead.py)")
     metrics = {
         "settings": {k: v for k, v in vars(args).items()},
         "recipe": recipe_settings,
@@ -194,6 +200,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         "warmup_seconds": warmup_seconds,
         "loader_stats": stats,
         "preview_samples": previewed,
+        "notes": notes,
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     served = stats["real"] + stats["generated"]
@@ -214,6 +221,8 @@ def run_demo(args: argparse.Namespace) -> dict:
         ("warmup", f"{warmup_seconds:.1f} s for {args.warmup} samples"),
         ("final loss vanilla / online", f"{vanilla['final_loss']:.3f} / {augmented['final_loss']:.3f}"),
     ]))
+    for note in notes:
+        print(f"note: {note}")
     print(f"wrote {out_dir / 'preview.png'} and {out_dir / 'metrics.json'}")
     return metrics
 

@@ -1,0 +1,31 @@
+"""python -m onlineaug demo: the table's figures, preview.png (DiffuseMix Fig. 4 rows) and metrics.json."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from onlineaug.__main__ import main
+
+
+@pytest.mark.slow
+def test_demo_writes_the_preview_and_metrics(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--steps", "4", "--batch-size", "8", "--image-size", "32", "--length", "64",
+                 "--warmup", "4", "--pool-size", "16", "--num-workers", "0", "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "overhead A_O = (T_aug-T_van)/T_van" in text and "generated share" in text and "misses" in text
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    vanilla, augmented = metrics["vanilla"]["seconds"], metrics["augmented"]["seconds"]
+    assert metrics["augmentation_overhead"] == pytest.approx((augmented - vanilla) / vanilla)
+    stats = metrics["loader_stats"]
+    assert stats["real"] + stats["generated"] == (4 + 5) * 8  # timed + untimed steps
+    assert stats["generated"] >= 4 and stats["produced"] >= 4  # warmup filled the pool first
+    assert metrics["recipe"]["name"] == "genmix" and metrics["settings"]["steps"] == 4
+    assert metrics["notes"] and "contention" in metrics["notes"][0]  # CPU trainer and producer share cores
+
+    preview = Image.open(out / "preview.png")
+    samples = metrics["preview_samples"]
+    assert samples >= 1
+    assert preview.size == (90 + 128 * samples, 128 * 6)  # rows: original, generated, mask, hybrid, fractal, final
