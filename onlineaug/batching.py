@@ -45,33 +45,33 @@ class BatchAssembler:
     """Real batch + pool replacements -> device batch. Used from a single thread at a time."""
 
     def __init__(self, recipe: Recipe, pool: SamplePool | None, *, device: torch.device, image_size: int,
-                 p_aug: float, ring_size: int = 4):
+                 batch_size: int, p_aug: float, ring_size: int = 4):
         self.recipe, self.pool, self.device, self.p_aug = recipe, pool, device, p_aug
         self.cuda = device.type == "cuda"
         self.pool_only: dict[str, Field] = {
             name: field for name, field in recipe.pool_fields(image_size).items() if name not in recipe.real_fields}
         self.overlap = [name for name in recipe.pool_fields(image_size) if name in recipe.real_fields]
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
-        self.ring_size = ring_size
-        self._ring: list[dict[str, torch.Tensor]] = []
-        self._ring_events: list[torch.cuda.Event | None] = []
+        self.batch_size, self.ring_size = batch_size, ring_size
+        self._ring: list[dict[str, torch.Tensor]] = []  # on CUDA: pinned, allocated on first use
+        self._ring_events: list[torch.cuda.Event | None] = [None] * ring_size
         self._ring_next = 0
 
-    def _pool_only_buffers(self, batch_size: int) -> dict[str, torch.Tensor]:
-        def allocate():
-            return {name: torch.zeros((batch_size, *f.shape), dtype=getattr(torch, f.dtype), pin_memory=self.cuda)
-                    for name, f in self.pool_only.items()}
+    def _allocate(self, batch_size: int) -> dict[str, torch.Tensor]:
+        return {name: torch.zeros((batch_size, *f.shape), dtype=getattr(torch, f.dtype), pin_memory=self.cuda)
+                for name, f in self.pool_only.items()}
 
+    def _pool_only_buffers(self, batch_size: int) -> tuple[dict[str, torch.Tensor], int | None]:
+        """Buffers for the pool-only fields, and on CUDA the ring index to record the copy's event under."""
         if not self.cuda:
-            return allocate()  # the batch is used in place on the CPU: a fresh buffer per batch
-        if not self._ring or next(iter(self._ring[0].values())).shape[0] != batch_size:
-            self._ring = [allocate() for _ in range(self.ring_size)]
-            self._ring_events = [None] * self.ring_size
+            return self._allocate(batch_size), None  # the batch is used in place on the CPU: fresh each time
+        if not self._ring:
+            self._ring = [self._allocate(self.batch_size) for _ in range(self.ring_size)]
         index = self._ring_next
         self._ring_next = (index + 1) % self.ring_size
         if self._ring_events[index] is not None:
             self._ring_events[index].synchronize()  # the copy that last read this buffer has finished
-        return self._ring[index]
+        return {name: buffer[:batch_size] for name, buffer in self._ring[index].items()}, index
 
     def _replace_from_pool(self, host: dict[str, torch.Tensor], coins: np.random.Generator,
                            counts: dict[str, int]) -> np.ndarray:
@@ -99,8 +99,10 @@ class BatchAssembler:
         size = images.shape[0]
         counts = {"real": 0, "generated": 0, "fresh": 0, "reused": 0, "misses": 0}
         generated = np.zeros(size, dtype=bool)
+        ring_index = None
         if self.pool is not None:
-            host.update(self._pool_only_buffers(size))
+            buffers, ring_index = self._pool_only_buffers(size)
+            host.update(buffers)
             generated = self._replace_from_pool(host, coins, counts)
         counts["generated"] = int(generated.sum())
         counts["real"] = size - counts["generated"]
@@ -112,8 +114,8 @@ class BatchAssembler:
             device_mask = mask.pin_memory().to(self.device, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record(self.copy_stream)
-        if self.pool is not None and self.pool_only:
-            self._ring_events[(self._ring_next - 1) % self.ring_size] = copied
+        if ring_index is not None:
+            self._ring_events[ring_index] = copied
         return ReadyBatch(Batch(fields=fields, generated=device_mask), counts, copied)
 
 

@@ -217,7 +217,7 @@ class OnlineGenAugLoader:
         self._finalizer = weakref.finalize(self, self._resources.release)
         self._counts = {"batches": 0, "real": 0, "generated": 0, "fresh": 0, "reused": 0, "misses": 0}
         self._assembler = BatchAssembler(self.recipe, None, device=self.device, image_size=image_size,
-                                         p_aug=self.p_aug, ring_size=max(prefetch, 1) + 2)
+                                         batch_size=batch_size, p_aug=self.p_aug, ring_size=prefetch + 2)
 
     # ------------------------------------------------------------------------------------- lifecycle
     def start(self) -> "OnlineGenAugLoader":
@@ -242,7 +242,11 @@ class OnlineGenAugLoader:
                                   compile_unet=self.compile_unet, num_threads=threads if dev == "cpu" else None)
                    for rank, dev in enumerate(self.generator_devices)]
         self._resources.producers = ProducerGroup(configs, pool.spec, max_restarts=self.max_restarts)
-        self._resources.producers.start()
+        try:
+            self._resources.producers.start()
+        except BaseException:
+            self._resources.release()  # no half-started loader: the next start() begins afresh
+            raise
         return self
 
     def close(self) -> None:
@@ -305,8 +309,8 @@ class OnlineGenAugLoader:
         self.start()
         if self.warmup and self._counts["batches"] == 0:
             self.wait_for_pool(self.warmup)
-        if not self._epoch_chosen:
-            self.epoch += 1  # a new pass without set_epoch: reshuffle, as a DataLoader does
+        if not self._epoch_chosen:  # a new pass without set_epoch: the next epoch, reshuffled as by a DataLoader
+            self.set_epoch(self.epoch + 1)
         self._epoch_chosen = False
         self._sampler_generator.manual_seed(derive_seed(self.seed, "sampler", self.rank, self.epoch))
         coins = numpy_generator(self.seed, "replace", self.rank, self.epoch)

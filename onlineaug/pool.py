@@ -19,17 +19,20 @@ Slot protocol (a seqlock; no cross-process lock, so a producer killed at any ins
 * A producer overwrites, among its own slots: never-written or abandoned ones first, then exhausted ones,
   then the most used, then the oldest.
 
-Ordering relies on aligned 8-byte loads/stores being atomic and stores becoming visible in program order
-(x86-64 TSO), which is where these producers run.
+Ordering relies on aligned 8-byte loads/stores being atomic and on x86-64's memory ordering (stores become
+visible in program order, loads are not reordered with loads): NumPy issues no fences. On other architectures
+(e.g. aarch64) a torn read could go undetected, so :meth:`SamplePool.create` warns there.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import platform
 import secrets
 import sys
 import time
+import warnings
 import weakref
 from multiprocessing import shared_memory
 from typing import Mapping
@@ -177,6 +180,10 @@ class SamplePool:
             )
         if max_reuse < 1:
             raise ValueError(f"max_reuse must be >= 1 (each generated sample served at most that often), got {max_reuse}")
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            warnings.warn(f"the sample pool's lock-free slot protocol relies on x86-64 memory ordering; on "
+                          f"{platform.machine()} a read that overlaps a producer's write may go undetected",
+                          RuntimeWarning, stacklevel=2)
         token = f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
         spec = PoolSpec(f"{token}_data", f"{token}_ctl", num_slots, num_producers, max_reuse,
                         tuple((name, field) for name, field in fields.items()))

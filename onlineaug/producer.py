@@ -15,6 +15,7 @@ Failure handling, in the trainer (:class:`ProducerGroup`):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pickle
@@ -70,17 +71,18 @@ def _watch_parent(stdin, spec: PoolSpec, parent_pid: int) -> None:
     exits, however it exits (SIGKILL included). Processes forked from the trainer (DataLoader workers)
     inherit that write end too, so the parent pid is also watched: it changes when the trainer dies.
     """
-    while os.getppid() == parent_pid:
-        readable, _, _ = select.select([stdin], [], [], 0.5)
-        if readable and not os.read(stdin.fileno(), 65536):
-            break
-    unlink_segments(spec)
-    os._exit(0)
+    try:
+        while os.getppid() == parent_pid:
+            readable, _, _ = select.select([stdin], [], [], 0.5)
+            if readable and not os.read(stdin.fileno(), 65536):
+                break
+        unlink_segments(spec)
+    finally:
+        os._exit(0)  # whatever happened above, never outlive the trainer
 
 
 def subprocess_main() -> None:
     """Entry point of a producer process (see :meth:`ProducerGroup._start`)."""
-    parent_pid = os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the trainer's to handle; it stops the producers
     os.environ[PRODUCER_ENV] = "1"
     stdin = sys.stdin.buffer
@@ -88,6 +90,7 @@ def subprocess_main() -> None:
     launch = pickle.loads(stdin.read(size))  # only the standard library is needed to read the launch record
     try:
         sys.path[:] = launch["sys_path"]
+        sys.argv[:] = launch["argv"]  # as multiprocessing's spawn does: the user's script may read it
         if launch["main_path"]:  # the config refers to classes defined in the user's script: import it, as spawn does
             import runpy
 
@@ -96,7 +99,9 @@ def subprocess_main() -> None:
             module.__dict__.update(main)
             sys.modules["__main__"] = sys.modules["__mp_main__"] = module
         config, spec = pickle.loads(launch["config"])
-        threading.Thread(target=_watch_parent, args=(stdin, spec, parent_pid), daemon=True,
+        # the trainer's pid from the trainer itself: a trainer killed before this process even started is
+        # then seen as gone at once (getppid() here would already name its successor)
+        threading.Thread(target=_watch_parent, args=(stdin, spec, launch["trainer_pid"]), daemon=True,
                          name="onlineaug-parent-watch").start()
         _produce_forever(config, spec, launch["generation"])
     except BaseException:  # noqa: BLE001 - every failure, start-up included, must reach the trainer
@@ -152,6 +157,14 @@ def _produce_forever(config: ProducerConfig, spec: PoolSpec, generation: int) ->
         pool.busy_ns[rank] += time.monotonic_ns() - start
 
 
+def _send_launch_record(process: subprocess.Popen, launch: bytes) -> None:
+    try:
+        process.stdin.write(len(launch).to_bytes(8, "little") + launch)
+        process.stdin.flush()  # stdin stays open: its EOF tells the producer that the trainer is gone
+    except (BrokenPipeError, ValueError):
+        pass  # the producer died first (its exit is handled by poll) or the group was stopped
+
+
 def _references_main(payload: bytes) -> bool:
     """Whether a pickle refers to objects defined in ``__main__`` (the user's script)."""
     import pickletools
@@ -176,6 +189,7 @@ class ProducerGroup:
         self._report_dir = tempfile.mkdtemp(prefix="onlineaug-producers-")
         self.restarts = 0
         self._last_poll = 0.0
+        self.failure: str | None = None  # set once the group has stopped after an error
 
     def start(self) -> None:
         for rank in range(len(self.configs)):
@@ -192,15 +206,18 @@ class ProducerGroup:
             if main_path is None:
                 raise TypeError("the dataset or recipe is defined in an interactive session (__main__ has no "
                                 "file), so producer processes cannot import it; define it in a module")
-        launch = pickle.dumps({"sys_path": list(sys.path), "main_path": main_path, "config": config,
+        launch = pickle.dumps({"trainer_pid": os.getpid(), "sys_path": list(sys.path), "argv": list(sys.argv),
+                               "main_path": main_path, "config": config,
                                "generation": self._generations[rank], "error_path": self._error_path(rank)})
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         bootstrap = (f"import sys; sys.path.insert(0, {package_root!r}); "
                      f"from onlineaug.producer import subprocess_main; subprocess_main()")
         process = subprocess.Popen([sys.executable, "-c", bootstrap], stdin=subprocess.PIPE, close_fds=True)
-        process.stdin.write(len(launch).to_bytes(8, "little") + launch)
-        process.stdin.flush()  # stdin stays open: its EOF tells the producer that the trainer is gone
         self._processes[rank] = process
+        # A large dataset makes a large record, and the pipe takes it only as fast as the new interpreter
+        # reads it: write it from a thread so that a restart never stalls the training loop.
+        threading.Thread(target=_send_launch_record, args=(process, launch), daemon=True,
+                         name=f"onlineaug-launch-{rank}").start()
 
     @property
     def pids(self) -> list[int | None]:
@@ -212,6 +229,9 @@ class ProducerGroup:
 
     def poll(self, *, min_interval_s: float = 0.0) -> None:
         """Raise a producer's exception; restart producers that died without one."""
+        if self.failure is not None:
+            raise RuntimeError(f"the producers were stopped after an earlier error ({self.failure}); create a "
+                               f"new loader")
         now = time.monotonic()
         if now - self._last_poll < min_interval_s:
             return
@@ -219,14 +239,17 @@ class ProducerGroup:
         for rank, process in enumerate(self._processes):
             if process is None or process.poll() is None:
                 continue
-            process.stdin.close()
+            with contextlib.suppress(BrokenPipeError):
+                process.stdin.close()
             if process.returncode == EXIT_REPORTED_ERROR and os.path.exists(self._error_path(rank)):
                 with open(self._error_path(rank), encoding="utf-8") as report:
                     remote_traceback = report.read()
                 self.stop()
+                self.failure = f"producer {rank} raised an exception"
                 raise ProducerError(rank, self.configs[rank].device, remote_traceback)
             if self.restarts >= self.max_restarts:
                 self.stop()
+                self.failure = f"producer {rank} died and the restart limit ({self.max_restarts}) was used up"
                 raise RuntimeError(
                     f"producer {rank} (device {self.configs[rank].device}) died with exit code {process.returncode} "
                     f"and the restart limit ({self.max_restarts}) is used up; look for out-of-memory kills "
@@ -248,7 +271,7 @@ class ProducerGroup:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-            if not process.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
                 process.stdin.close()
         self._processes = [None] * len(self.configs)
         shutil.rmtree(self._report_dir, ignore_errors=True)

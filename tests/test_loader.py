@@ -95,6 +95,18 @@ def test_a_producer_exception_reaches_the_trainer_with_its_traceback(shapes):
     assert loader.pool is None  # closed by the with-block
 
 
+def test_after_a_producer_error_the_loader_does_not_carry_on_without_producers(shapes):
+    loader = OnlineGenAugLoader(shapes, recipe="test-exploding", num_classes=10, batch_size=8, pool_size=8,
+                                warmup=1, warmup_timeout=120, **TINY)
+    try:
+        with pytest.raises(ProducerError):
+            next(iter(loader))
+        with pytest.raises(RuntimeError, match="producers were stopped after an earlier error .* create a new loader"):
+            next(iter(loader))
+    finally:
+        loader.close()
+
+
 @pytest.mark.slow
 def test_a_killed_producer_is_restarted_while_batches_keep_coming(shapes):
     loader = OnlineGenAugLoader(shapes, recipe="genmix", num_classes=10, batch_size=8, pool_size=8, warmup=2,
@@ -143,24 +155,34 @@ def test_segments_are_freed_on_garbage_collection(shapes):
 
 
 KILLED_TRAINER = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     from onlineaug import OnlineGenAugLoader
     from onlineaug.datasets import SyntheticShapes
     loader = OnlineGenAugLoader(SyntheticShapes(num_classes=10, size=32, length=64), recipe="genmix",
                                 num_classes=10, batch_size=8, image_size=32, generation_size=32, pool_size=8,
                                 num_workers=0, recipe_options={"num_inference_steps": 2}, progress=False)
     loader.start()
+    child = 0
+    if sys.argv[1] == "fork":  # like a DataLoader worker: it inherits the producers' stdin pipes, so no EOF
+        child = os.fork()
+        if child == 0:
+            time.sleep(600)
+            os._exit(0)
     spec = loader.pool.spec
-    print(spec.data_name, spec.control_name, loader.producers.pids[0], flush=True)
+    print(spec.data_name, spec.control_name, loader.producers.pids[0], child, flush=True)
     time.sleep(600)
 """)
 
 
-def test_segments_and_producers_go_away_when_the_trainer_is_killed():
+@pytest.mark.parametrize("forked_child", [False, True])
+def test_segments_and_producers_go_away_when_the_trainer_is_killed(forked_child):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    trainer = subprocess.Popen([sys.executable, "-c", KILLED_TRAINER], stdout=subprocess.PIPE, text=True, env=env)
+    trainer = subprocess.Popen([sys.executable, "-c", KILLED_TRAINER, "fork" if forked_child else "plain"],
+                               stdout=subprocess.PIPE, text=True, env=env)
+    child_pid = 0
     try:
-        data_name, control_name, producer_pid = trainer.stdout.readline().split()
+        data_name, control_name, producer_pid, child_pid = trainer.stdout.readline().split()
+        child_pid = int(child_pid)
         files = [os.path.join("/dev/shm", data_name), os.path.join("/dev/shm", control_name)]
         assert all(os.path.exists(f) for f in files)
         trainer.send_signal(signal.SIGKILL)
@@ -179,6 +201,8 @@ def test_segments_and_producers_go_away_when_the_trainer_is_killed():
     finally:
         if trainer.poll() is None:
             trainer.kill()
+        if child_pid:
+            os.kill(child_pid, signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -400,7 +424,7 @@ def test_a_torn_read_keeps_the_real_sample(monkeypatch):
         for slot in range(4):
             pool.write(slot, {"original": np.full((3, 8, 8), 200, np.uint8), "generated": np.zeros((3, 8, 8), np.uint8),
                               "label": np.int64(9), "index": np.int64(0), "prompt_id": np.int64(0)})
-        assembler = BatchAssembler(recipe, pool, device=torch.device("cpu"), image_size=8, p_aug=1.0)
+        assembler = BatchAssembler(recipe, pool, device=torch.device("cpu"), image_size=8, batch_size=4, p_aug=1.0)
         real = torch.full((4, 3, 8, 8), 7, dtype=torch.uint8)
         read = pool.read
 
@@ -439,6 +463,14 @@ def test_a_sampler_works_with_the_default_arguments(shapes):
         OnlineGenAugLoader(shapes, recipe="none", num_classes=10, sampler=sampler, shuffle=True)
 
 
+def test_epochs_advance_a_distributed_sampler_too(shapes):
+    sampler = torch.utils.data.DistributedSampler(shapes, num_replicas=2, rank=1, shuffle=True, seed=0)
+    loader = OnlineGenAugLoader(shapes, recipe="none", num_classes=10, batch_size=32, image_size=SIZE,
+                                num_workers=0, sampler=sampler)
+    first, second = next(iter(loader))[0], next(iter(loader))[0]
+    assert sampler.epoch == 1 and not torch.equal(first, second)
+
+
 UNGUARDED_SCRIPT = textwrap.dedent("""
     import torch
     from onlineaug import OnlineGenAugLoader
@@ -461,3 +493,26 @@ def test_a_script_without_a_main_guard_gets_a_clear_error(tmp_path):
     result = run_script(tmp_path, UNGUARDED_SCRIPT)
     assert result.returncode != 0
     assert "ProducerError" in result.stderr and 'if __name__ == "__main__":' in result.stderr
+
+
+def test_a_recipe_whose_payload_is_all_real_fields_assembles_batch_after_batch(device):
+    """E.g. a recipe that stores a replacement image and label only: no pool-only host buffers."""
+    from onlineaug.batching import BatchAssembler
+    from onlineaug.pool import Field, SamplePool
+    from onlineaug.recipes import get_recipe
+
+    recipe = get_recipe("cutmix")
+    fields = {"image": Field((3, 8, 8), "uint8"), "label": Field((), "int64")}
+    recipe.pool_fields = lambda image_size: fields  # this instance only
+    pool = SamplePool.create(fields, num_slots=4, num_producers=1, max_reuse=8)
+    try:
+        for slot in range(4):
+            pool.write(slot, {"image": np.full((3, 8, 8), 200, np.uint8), "label": np.int64(3)})
+        assembler = BatchAssembler(recipe, pool, device=device, image_size=8, batch_size=4, p_aug=1.0)
+        rng = np.random.default_rng(0)
+        for size in (4, 4, 3):  # a short last batch too
+            ready = assembler.assemble(torch.zeros(size, 3, 8, 8, dtype=torch.uint8), torch.zeros(size, dtype=torch.int64), rng)
+            batch = ready.wait()
+            assert batch.generated.all() and (batch.fields["image"] == 200).all() and (batch.fields["label"] == 3).all()
+    finally:
+        pool.close()
