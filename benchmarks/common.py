@@ -298,3 +298,14 @@ def append_results_md(path: str | os.PathLike | None, title: str, columns: Seque
             f.write("\n")
         f.write("\n".join(block))
     return path
+
+
+def run_cli(module, argv=None) -> dict:
+    """The ``main`` of ``generator.py`` and ``overhead.py``: parse, measure, write JSON/PNG/RESULTS.md, print."""
+    args = module.build_parser().parse_args(argv)
+    result = module.benchmark(args)
+    paths = module.report(result, args.out, args.results_md or None)
+    module.print_summary(result)
+    if paths:
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return result

@@ -577,13 +577,7 @@ def print_summary(result: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
-    result = benchmark(args)
-    paths = report(result, args.out, args.results_md or None)
-    print_summary(result)
-    if paths:
-        print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return result
+    return common.run_cli(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
