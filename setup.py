@@ -10,7 +10,10 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["onlineaug", "onlineaug.*", "kernels", "kernels.*"]),
+    # The Triton kernels live in the top-level kernels/ folder (beside their torch references) and are
+    # installed as onlineaug.kernels, so they never clash with the registry's `kernels` package.
+    packages=find_packages(include=["onlineaug", "onlineaug.*"]) + ["onlineaug.kernels"],
+    package_dir={"onlineaug.kernels": "kernels"},
     install_requires=[
         # floors are the versions this is tested with (the GPU machine: torch 2.11, triton 3.6)
         "torch>=2.11",

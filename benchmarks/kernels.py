@@ -48,15 +48,15 @@ import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 
-from kernels.box_mix import box_mix, box_mix_reference, sample_boxes  # noqa: E402
-from kernels.composite import composite, composite_reference  # noqa: E402
-from kernels.concat_blend import (  # noqa: E402
+from onlineaug.kernels.box_mix import box_mix, box_mix_reference, sample_boxes  # noqa: E402
+from onlineaug.kernels.composite import composite, composite_reference  # noqa: E402
+from onlineaug.kernels.concat_blend import (  # noqa: E402
     concat_blend_normalize,
     concat_blend_normalize_reference,
     smooth_mask_reference,
 )
-from kernels.pixel_mix import pixel_mix, pixel_mix_reference  # noqa: E402
-from kernels.soft_labels import soft_labels, soft_labels_reference  # noqa: E402
+from onlineaug.kernels.pixel_mix import pixel_mix, pixel_mix_reference  # noqa: E402
+from onlineaug.kernels.soft_labels import soft_labels, soft_labels_reference  # noqa: E402
 
 NUM_CLASSES = 1000
 NUM_FRACTALS = 16

@@ -11,9 +11,9 @@ elsewhere; "triton" on CPU needs ``TRITON_INTERPRET=1``) and ``validate`` for va
   :func:`kernels.kornia_ops.prepare_foregrounds`).
 * :func:`soft_labels`: weighted, optionally smoothed one-hot targets.
 """
-from kernels.box_mix import box_mix, box_mix_reference, sample_boxes
-from kernels.composite import composite, composite_reference
-from kernels.concat_blend import (
+from onlineaug.kernels.box_mix import box_mix, box_mix_reference, sample_boxes
+from onlineaug.kernels.composite import composite, composite_reference
+from onlineaug.kernels.concat_blend import (
     SPLIT_CODES,
     SPLIT_LEFT_RIGHT,
     SPLIT_NONE,
@@ -22,9 +22,9 @@ from kernels.concat_blend import (
     concat_blend_normalize_reference,
     smooth_mask_reference,
 )
-from kernels.kornia_ops import prepare_foregrounds  # imports kornia only when called
-from kernels.pixel_mix import pixel_mix, pixel_mix_reference
-from kernels.soft_labels import soft_labels, soft_labels_reference
+from onlineaug.kernels.kornia_ops import prepare_foregrounds  # imports kornia only when called
+from onlineaug.kernels.pixel_mix import pixel_mix, pixel_mix_reference
+from onlineaug.kernels.soft_labels import soft_labels, soft_labels_reference
 
 __all__ = [
     "SPLIT_CODES",

@@ -26,7 +26,7 @@ from typing import Optional, Union
 
 import torch
 
-from kernels import _backend
+from onlineaug.kernels import _backend
 
 __all__ = ["box_mix", "box_mix_reference", "sample_boxes"]
 
@@ -35,7 +35,7 @@ _DTYPES = (torch.uint8, torch.float32, torch.float16, torch.bfloat16)
 _BLOCK_H, _BLOCK_W = 32, 32  # tile per program
 _NUM_WARPS = 4
 
-tl = None  # bound to triton.language by kernels._backend.jit on the first launch (lazy import)
+tl = None  # bound to triton.language by onlineaug.kernels._backend.jit on the first launch (lazy import)
 
 
 def _box_mix_kernel(

@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kernels import _backend
+from onlineaug.kernels import _backend
 
 __all__ = ["composite", "composite_reference"]
 
@@ -50,7 +50,7 @@ _BLOCK = 512  # pixels per program on the GPU (16 bilinear taps per pixel and la
 _BLOCK_INTERPRET = 1024  # Triton's CPU interpreter pays Python overhead per op and program: fewer programs
 _NUM_WARPS = 4
 
-tl = None  # bound to triton.language by kernels._backend.jit on the first launch (lazy import)
+tl = None  # bound to triton.language by onlineaug.kernels._backend.jit on the first launch (lazy import)
 
 
 def _composite_kernel(

@@ -39,7 +39,7 @@ from typing import Optional, Union
 
 import torch
 
-from kernels import _backend
+from onlineaug.kernels import _backend
 
 __all__ = [
     "SPLIT_NONE",
@@ -58,7 +58,7 @@ _OP = "concat_blend_normalize"
 _BLOCK_H, _BLOCK_W = 32, 32  # tile per program (224 = 7 x 32: no partial tiles at 224 px)
 _NUM_WARPS = 4
 
-tl = None  # bound to triton.language by kernels._backend.jit on the first launch (lazy import)
+tl = None  # bound to triton.language by onlineaug.kernels._backend.jit on the first launch (lazy import)
 
 
 # --------------------------------------------------------------------------------------------------

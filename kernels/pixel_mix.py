@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from kernels import _backend
+from onlineaug.kernels import _backend
 
 __all__ = ["pixel_mix", "pixel_mix_reference"]
 
@@ -29,7 +29,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)
 _BLOCK = 2048
 _NUM_WARPS = 4
 
-tl = None  # bound to triton.language by kernels._backend.jit on the first launch (lazy import)
+tl = None  # bound to triton.language by onlineaug.kernels._backend.jit on the first launch (lazy import)
 
 
 def _pixel_mix_kernel(

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from kernels import _backend
+from onlineaug.kernels import _backend
 
 __all__ = ["soft_labels", "soft_labels_reference"]
 

@@ -20,9 +20,9 @@ from typing import Sequence
 
 import torch
 
-import kernels
-from kernels.concat_blend import SPLIT_CODES, SPLIT_NONE
-from kernels.box_mix import sample_boxes
+from onlineaug import kernels
+from onlineaug.kernels.concat_blend import SPLIT_CODES, SPLIT_NONE
+from onlineaug.kernels.box_mix import sample_boxes
 from onlineaug.seeding import sample_beta
 
 SPLITS = {name: code for name, code in SPLIT_CODES.items() if code != SPLIT_NONE}  # the masks a recipe may draw

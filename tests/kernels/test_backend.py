@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import _backend, pixel_mix
+from onlineaug.kernels import _backend, pixel_mix
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_importing_kernels_imports_neither_triton_nor_kornia():
-    code = ("import sys, kernels; assert 'triton' not in sys.modules, 'triton was imported'; "
+    code = ("import sys; import onlineaug.kernels; assert 'triton' not in sys.modules, 'triton was imported'; "
             "assert 'kornia' not in sys.modules, 'kornia was imported'; print('ok')")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
@@ -61,7 +61,7 @@ def test_interpreter_set_after_triton_import_is_a_clear_error():
     code = (
         "import os, torch, triton\n"
         "os.environ['TRITON_INTERPRET'] = '1'\n"
-        "import kernels\n"
+        "import onlineaug.kernels as kernels\n"
         "try:\n"
         "    kernels.pixel_mix(torch.zeros(2, 3, 4, 4), torch.tensor([1, 0]), torch.ones(2), backend='triton')\n"
         "except RuntimeError as exc:\n"

@@ -6,7 +6,7 @@ import torch
 
 from kernel_testing import SHAPES, assert_close, generator, rand_uint8
 
-from kernels import box_mix, box_mix_reference, sample_boxes
+from onlineaug.kernels import box_mix, box_mix_reference, sample_boxes
 
 DTYPES = [torch.uint8, torch.float32, torch.float16, torch.bfloat16]
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from kernel_testing import FLOAT_DTYPES, SHAPES, assert_close, generator, mean_std, rand_uint8
 
-from kernels import composite, composite_reference
+from onlineaug.kernels import composite, composite_reference
 
 
 def sample_inputs(shape, device, seed=0, bank=(4, 20, 13)):

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from kernels import _backend
+from onlineaug.kernels import _backend
 
 from kernel_testing import FLOAT_DTYPES, SHAPES, assert_close, generator, mean_std, rand_uint8
 
-from kernels import (
+from onlineaug.kernels import (
     SPLIT_LEFT_RIGHT,
     SPLIT_NONE,
     SPLIT_TOP_BOTTOM,

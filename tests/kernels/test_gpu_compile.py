@@ -24,9 +24,9 @@ def compile_all() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import _backend
+    from onlineaug.kernels import _backend
 
-    modules = {name: sys.modules[f"kernels.{name}"] for name in ("concat_blend", "box_mix", "pixel_mix", "composite")}
+    modules = {name: sys.modules[f"onlineaug.kernels.{name}"] for name in ("concat_blend", "box_mix", "pixel_mix", "composite")}
 
     def build(fn, signature, constexprs, div16=(), **options):
         names = list(signature)

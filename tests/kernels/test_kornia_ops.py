@@ -4,7 +4,7 @@ import torch
 
 pytest.importorskip("kornia")
 
-from kernels.kornia_ops import prepare_foregrounds  # noqa: E402
+from onlineaug.kernels.kornia_ops import prepare_foregrounds  # noqa: E402
 
 
 def test_fits_keeps_aspect_and_pads_transparent():

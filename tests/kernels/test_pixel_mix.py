@@ -4,7 +4,7 @@ import torch
 
 from kernel_testing import SHAPES, assert_close, generator, rand_uint8
 
-from kernels import _backend, pixel_mix, pixel_mix_reference
+from onlineaug.kernels import _backend, pixel_mix, pixel_mix_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.uint8]
 

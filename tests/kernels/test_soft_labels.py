@@ -4,7 +4,7 @@ import torch
 
 from kernel_testing import assert_close, generator
 
-from kernels import soft_labels, soft_labels_reference
+from onlineaug.kernels import soft_labels, soft_labels_reference
 
 
 def sample_inputs(device, b=9, k=3, num_classes=10, seed=0):
