@@ -1,0 +1,100 @@
+"""Models by role: what a recipe's producer runs (diffusion pipelines, CLIP filters, segmenters).
+
+A recipe declares its models with :meth:`~onlineaug.recipes.Recipe.model_roles` (role -> :class:`ModelRole`);
+the loader resolves the user's choices with :func:`resolve_models` (``generator=`` names the main role,
+``models=`` overrides any role), checks that every one is on this machine with :func:`ensure_available` before
+any process starts, and each producer builds them with :func:`load_model` under one :class:`LoadPolicy`.
+
+Sources: ``"tiny"`` (tiny random weights built in process), ``"full-random"`` (the real architecture's size,
+random weights: honest FLOPs for benchmarks), a local folder, a hub id read from the local Hugging Face cache
+(``HF_HOME`` / ``HF_HUB_CACHE``; nothing is downloaded unless ``ONLINEAUG_ALLOW_DOWNLOAD=1``), or ``"dataset"``
+for masks the dataset provides.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from onlineaug.models.spec import (
+    ARCHITECTURES,
+    DIFFUSION_KINDS,
+    KINDS,
+    RANDOM_SOURCES,
+    SEGMENTER_KINDS,
+    LoadPolicy,
+    ModelRole,
+    ModelSpec,
+)
+
+__all__ = ["ARCHITECTURES", "DIFFUSION_KINDS", "KINDS", "RANDOM_SOURCES", "SEGMENTER_KINDS", "LoadPolicy",
+           "ModelRole", "ModelSpec", "describe_model", "ensure_available", "load_model", "resolve_models"]
+
+
+def resolve_models(roles: Mapping[str, ModelRole], main_role: str | None, generator,
+                   models: Mapping | None) -> dict[str, ModelSpec]:
+    """The spec of every role: ``models[role]``, else ``generator`` for the main role, else a default.
+
+    Roles other than the main one that ``models`` does not name follow ``generator`` when it is a random-weight
+    source (``"tiny"``/``"full-random"``: a test or benchmark run stays self-contained), and load their
+    role's default otherwise.
+    """
+    models = dict(models or {})
+    unknown = sorted(set(models) - set(roles))
+    if unknown:
+        valid = ", ".join(sorted(roles)) or "none (this recipe runs no model)"
+        raise ValueError(f"models names unknown roles {unknown}; this recipe's roles: {valid}")
+    generator_spec = ModelSpec.parse(generator, main_role or "generator") if generator is not None else None
+    resolved = {}
+    for role, info in roles.items():
+        if role in models:
+            spec = ModelSpec.parse(models[role], role)
+        elif role == main_role and generator_spec is not None:
+            spec = generator_spec
+        elif generator_spec is not None and generator_spec.is_random and info.kind != "dataset-masks":
+            spec = ModelSpec(generator_spec.random_weights[0])
+        else:
+            spec = ModelSpec(info.default)
+        resolved[role] = spec.with_role_defaults(info)
+    return resolved
+
+
+def _diffusion_task(role: ModelRole) -> str:
+    return role.kind
+
+
+def ensure_available(role_name: str, role: ModelRole, spec: ModelSpec) -> None:
+    """Raise now, in the calling process, what :func:`load_model` would raise for missing weights."""
+    from onlineaug.generators import ensure_available as ensure_pipeline
+
+    if role.kind in DIFFUSION_KINDS:
+        source = spec.random_weights[0] if spec.is_random else spec.source
+        ensure_pipeline(source, _diffusion_task(role))
+        return
+    raise NotImplementedError(f"model kind {role.kind!r} (role {role_name!r}) is not available yet")
+
+
+def describe_model(role: ModelRole, spec: ModelSpec) -> str:
+    """One line for logs: what fills this role (never loads weights)."""
+    from onlineaug.generators import describe
+
+    if role.kind in DIFFUSION_KINDS:
+        return describe(spec.random_weights[0] if spec.is_random else spec.source, _diffusion_task(role))
+    return f"{role.kind} from {spec.source}"
+
+
+def load_model(role: ModelRole, spec: ModelSpec, *, device: torch.device | str, policy: LoadPolicy = LoadPolicy(),
+               seed: int = 0, dataset=None):
+    """Build the model for ``role`` from ``spec`` on ``device`` under ``policy``.
+
+    Returns a diffusers pipeline for the diffusion kinds, a :class:`~onlineaug.models.clip.ClipEmbedder` for
+    ``"clip"``, and a segmenter (``segment(images, texts, indices)``) for the segmenter kinds.
+    """
+    from onlineaug.generators import load_pipeline
+
+    if role.kind in DIFFUSION_KINDS:
+        source = spec.random_weights[0] if spec.is_random else spec.source
+        return load_pipeline(source, _diffusion_task(role), device=device, compile_unet=bool(policy.compile),
+                             seed=seed, scheduler=role.scheduler)
+    raise NotImplementedError(f"model kind {role.kind!r} is not available yet")
