@@ -227,6 +227,7 @@ def ours_call(pipe, settings: dict, images: torch.Tensor, generator: torch.Gener
     with torch.inference_mode():
         if task == "instruct-pix2pix":
             # Exactly what a DiffuseMix/GenMix producer runs (recipe.produce), at this size and step count.
+            from onlineaug.producer import standalone_context
             from onlineaug.recipes.base import SourceBatch
             from onlineaug.recipes.diffusemix import DiffuseMix
 
@@ -235,7 +236,9 @@ def ours_call(pipe, settings: dict, images: torch.Tensor, generator: torch.Gener
                                 generation_size=settings["size"])
             sources = SourceBatch(images=images, originals=images.cpu(), labels=torch.zeros(count, dtype=torch.int64),
                                   indices=torch.arange(count))
-            payload = recipe.produce(pipe, sources, image_size=settings["size"], generator=generator)
+            context = standalone_context(num_classes=1, image_size=settings["size"], device=device)
+            context.generator = generator
+            payload = recipe.produce({"edit": pipe}, sources, context).payload
         else:
             # img2img / text2img recipes (Diff-Mix, DiffCoRe-Mix) are not in yet: the same batched call shape.
             seeds = torch.randint(2**62, (count,), generator=generator, device=device).tolist()

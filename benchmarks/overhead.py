@@ -317,7 +317,7 @@ def online_provider(recipe: str, dataset, settings: dict, device: torch.device) 
     from onlineaug import OnlineGenAugLoader
     from onlineaug.recipes import get_recipe
 
-    generative = get_recipe(recipe).generator_task is not None
+    generative = get_recipe(recipe).generative
     options = {}
     if generative and settings["num_inference_steps"]:
         options["num_inference_steps"] = settings["num_inference_steps"]

@@ -48,7 +48,7 @@ def __getattr__(name):
 
         return OnlineGenAugLoader
     if name == "ProducerError":
-        from onlineaug.producer import ProducerError
+        from onlineaug.producer_processes import ProducerError
 
         return ProducerError
     raise AttributeError(f"module 'onlineaug' has no attribute {name!r}")

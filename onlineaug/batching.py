@@ -47,10 +47,13 @@ class BatchAssembler:
     def __init__(self, recipe: Recipe, pool: SamplePool | None, *, device: torch.device, image_size: int,
                  batch_size: int, p_aug: float, ring_size: int = 4):
         self.recipe, self.pool, self.device, self.p_aug = recipe, pool, device, p_aug
+        self.allowed: np.ndarray | None = None  # bool over dataset indices: sources the sampler yields now
         self.cuda = device.type == "cuda"
+        self.real_fields = {**recipe.real_fields, "label": "label", "index": "index"}
         self.pool_only: dict[str, Field] = {
-            name: field for name, field in recipe.pool_fields(image_size).items() if name not in recipe.real_fields}
-        self.overlap = [name for name in recipe.pool_fields(image_size) if name in recipe.real_fields]
+            name: field for name, field in recipe.pool_fields(image_size).items() if name not in self.real_fields}
+        self.overlap = [name for name in recipe.pool_fields(image_size) if name in self.real_fields]
+        self.match_by = {None: None, "class": "label", "index": "index"}[recipe.serve_match]
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.batch_size, self.ring_size = batch_size, ring_size
         self._ring: list[dict[str, torch.Tensor]] = []  # on CUDA: pinned, allocated on first use
@@ -78,9 +81,15 @@ class BatchAssembler:
         size = next(iter(host.values())).shape[0]
         generated = np.zeros(size, dtype=bool)
         wanted = np.flatnonzero(coins.random(size) < self.p_aug)
-        slots = self.pool.acquire(len(wanted))
-        counts["misses"] += len(wanted) - len(slots)
-        for row, (slot, seq) in zip(wanted, slots):
+        if self.match_by is None:
+            found = self.pool.acquire(len(wanted), self.allowed)
+            pairs = list(zip(wanted, found))
+        else:  # a pooled sample of the row's own class / an edit of the row's own image
+            keys = host[self.match_by].numpy()[wanted]
+            pairs = [(row, hit) for row, hit in zip(wanted, self.pool.acquire_matching(keys, self.match_by,
+                                                                                       self.allowed)) if hit]
+        counts["misses"] += len(wanted) - len(pairs)
+        for row, (slot, seq) in pairs:
             targets = {name: host[name][row].numpy() for name in self.pool.fields}
             saved = {name: targets[name].copy() for name in self.overlap}
             previous_serves = self.pool.read(slot, seq, targets)
@@ -93,9 +102,10 @@ class BatchAssembler:
             counts["fresh" if previous_serves == 0 else "reused"] += 1
         return generated
 
-    def assemble(self, images: torch.Tensor, labels: torch.Tensor, coins: np.random.Generator) -> ReadyBatch:
-        real = {"image": images, "label": labels}
-        host = {name: real[source] for name, source in self.recipe.real_fields.items()}
+    def assemble(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+                 coins: np.random.Generator) -> ReadyBatch:
+        real = {"image": images, "label": labels.to(torch.int64), "index": indices.to(torch.int64)}
+        host = {name: real[source] for name, source in self.real_fields.items()}
         size = images.shape[0]
         counts = {"real": 0, "generated": 0, "fresh": 0, "reused": 0, "misses": 0}
         generated = np.zeros(size, dtype=bool)

@@ -4,8 +4,13 @@ Fixed slots, allocated once by the trainer. Each slot holds one generated sample
 fields (images as uint8, labels and metadata as int64/float32) laid out back to back. Two segments:
 
 * ``data``: ``num_slots * slot_bytes`` of payload;
-* ``control``: int64 counters: per slot ``seq``, ``uses``, ``uses_seq``, ``written_ns``; per producer
-  ``produced``, ``busy_ns``, ``started_ns``.
+* ``control``: int64 counters: per slot ``seq``, ``uses``, ``uses_seq``, ``written_ns``, ``lease``; per producer
+  one counter per name of ``PoolSpec.counter_names`` (``produced``, ``busy_ns``, ``started_ns``,
+  ``heartbeat_ns``, rejections by reason, ...).
+
+Every payload holds ``index`` (the dataset index of the sample's source, -1 for none) and ``label`` (the class it
+is served as): the trainer looks slots up by them (:meth:`SamplePool.acquire` with ``allowed``,
+:meth:`SamplePool.acquire_matching`).
 
 Slot protocol (a seqlock; no cross-process lock, so a producer killed at any instant cannot wedge the pool):
 
@@ -13,11 +18,17 @@ Slot protocol (a seqlock; no cross-process lock, so a producer killed at any ins
 * The producer makes ``seq[s]`` odd, writes the payload, then makes ``seq[s]`` even and larger than any
   value it had before. An odd ``seq`` (including one left by a producer that died mid-write) is never
   served; ``seq == 0`` is a slot never written.
-* The trainer (the only consumer, and the only writer of ``uses``/``uses_seq``) picks ready slots, copies
-  them out, and re-reads ``seq``: if it changed, the copy may be torn and is thrown away. A slot is served
-  at most ``max_reuse`` times per write: ``uses[s]`` counts serves of the write numbered ``uses_seq[s]``.
-* A producer overwrites, among its own slots: never-written or abandoned ones first, then exhausted ones,
-  then the most used, then the oldest.
+* The trainer (the only consumer, and the only writer of ``uses``/``uses_seq``/``lease``) picks ready slots,
+  sets ``lease[s]`` while it copies them out, and re-reads ``seq``: if it changed, the copy may be torn and is
+  thrown away. A slot is served at most ``max_reuse`` times per write: ``uses[s]`` counts serves of the write
+  numbered ``uses_seq[s]``.
+* The two sides prefer different slots, so that a read rarely overlaps a write: the trainer takes the fewest
+  served, then the newest; a producer overwrites, among its own slots that no read holds, never-written or
+  abandoned ones first, then exhausted ones, then the most used, then the oldest.
+* Backpressure (``PoolSpec.backpressure``): a producer only overwrites slots that were served at least once
+  (or are unusable): when every slot it owns holds a fresh, never-served sample it waits instead of throwing
+  generated work away. Recipes that serve by index or class match turn it off (a fresh sample may wait long
+  for its match), and then the oldest is overwritten.
 
 Ordering relies on aligned 8-byte loads/stores being atomic and on x86-64's memory ordering (stores become
 visible in program order, loads are not reordered with loads): NumPy issues no fences. On other architectures
@@ -40,6 +51,9 @@ from typing import Mapping
 import numpy as np
 
 SHM_DIR = "/dev/shm"
+SLOT_ARRAYS = ("seq", "uses", "uses_seq", "written_ns", "lease")
+BASE_COUNTERS = ("produced", "busy_ns", "started_ns", "heartbeat_ns", "steps")
+KEY_FIELDS = ("index", "label")  # every payload's lookup keys (int64 scalars)
 SEGMENT_PREFIX = "onlineaug_"
 _ALIGN = 64
 
@@ -66,6 +80,8 @@ class PoolSpec:
     num_producers: int
     max_reuse: int
     fields: tuple[tuple[str, Field], ...]
+    counter_names: tuple[str, ...] = BASE_COUNTERS
+    backpressure: bool = True
 
     @property
     def layout(self) -> dict[str, tuple[int, Field]]:
@@ -87,7 +103,7 @@ class PoolSpec:
 
     @property
     def control_bytes(self) -> int:
-        return 8 * (4 * self.num_slots + 3 * self.num_producers)
+        return 8 * (len(SLOT_ARRAYS) * self.num_slots + len(self.counter_names) * self.num_producers)
 
 
 def shm_free_bytes(path: str = SHM_DIR) -> int | None:
@@ -152,9 +168,14 @@ class SamplePool:
         self.owner = owner
         self._data, self._control = data, control
         n, p = spec.num_slots, spec.num_producers
-        counters = np.ndarray((4 * n + 3 * p,), dtype=np.int64, buffer=control.buf)
-        self.seq, self.uses, self.uses_seq, self.written_ns = (counters[i * n:(i + 1) * n] for i in range(4))
-        self.produced, self.busy_ns, self.started_ns = (counters[4 * n + i * p:4 * n + (i + 1) * p] for i in range(3))
+        words = np.ndarray((spec.control_bytes // 8,), dtype=np.int64, buffer=control.buf)
+        self.seq, self.uses, self.uses_seq, self.written_ns, self.lease = (
+            words[i * n:(i + 1) * n] for i in range(len(SLOT_ARRAYS)))
+        base = len(SLOT_ARRAYS) * n
+        self.counters: dict[str, np.ndarray] = {
+            name: words[base + i * p:base + (i + 1) * p] for i, name in enumerate(spec.counter_names)}
+        self.produced, self.busy_ns = self.counters["produced"], self.counters["busy_ns"]
+        self.started_ns, self.heartbeat_ns = self.counters["started_ns"], self.counters["heartbeat_ns"]
         raw = np.ndarray((n, spec.slot_bytes), dtype=np.uint8, buffer=data.buf)
         self.fields: dict[str, np.ndarray] = {}
         for name, (offset, field) in spec.layout.items():
@@ -168,7 +189,8 @@ class SamplePool:
 
     # ----------------------------------------------------------------------------------------- lifecycle
     @classmethod
-    def create(cls, fields: Mapping[str, Field], *, num_slots: int, num_producers: int, max_reuse: int) -> "SamplePool":
+    def create(cls, fields: Mapping[str, Field], *, num_slots: int, num_producers: int, max_reuse: int,
+               counter_names: tuple[str, ...] = (), backpressure: bool = True) -> "SamplePool":
         if num_slots < 1:
             raise ValueError(f"pool_size must be >= 1, got {num_slots}")
         if num_producers < 1:
@@ -185,8 +207,13 @@ class SamplePool:
                           f"{platform.machine()} a read that overlaps a producer's write may go undetected",
                           RuntimeWarning, stacklevel=2)
         token = f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
+        for key in KEY_FIELDS:
+            if fields.get(key) != Field((), "int64"):
+                raise ValueError(f"a pool payload needs the int64 scalar field {key!r} (the lookup keys "
+                                 f"{KEY_FIELDS}), got {fields.get(key)}")
+        counters = BASE_COUNTERS + tuple(name for name in counter_names if name not in BASE_COUNTERS)
         spec = PoolSpec(f"{token}_data", f"{token}_ctl", num_slots, num_producers, max_reuse,
-                        tuple((name, field) for name, field in fields.items()))
+                        tuple((name, field) for name, field in fields.items()), counters, backpressure)
         check_shm_capacity(spec.data_bytes + spec.control_bytes, num_slots=num_slots, slot_bytes=spec.slot_bytes)
         data = shared_memory.SharedMemory(name=spec.data_name, create=True, size=max(spec.data_bytes, 1))
         try:
@@ -206,9 +233,9 @@ class SamplePool:
 
     def close(self) -> None:
         """Detach; the creating process also unlinks the segments. Idempotent."""
-        self.fields = {}
-        self.seq = self.uses = self.uses_seq = self.written_ns = None
-        self.produced = self.busy_ns = self.started_ns = None
+        self.fields, self.counters = {}, {}
+        self.seq = self.uses = self.uses_seq = self.written_ns = self.lease = None
+        self.produced = self.busy_ns = self.started_ns = self.heartbeat_ns = None
         self._finalizer()
 
     @property
@@ -222,11 +249,26 @@ class SamplePool:
     def _effective_uses(self, seq: np.ndarray, slots: np.ndarray) -> np.ndarray:
         return np.where(self.uses_seq[slots] == seq, self.uses[slots], 0)
 
+    def _writable(self, slots: np.ndarray, seq: np.ndarray, uses: np.ndarray) -> np.ndarray:
+        unusable = (seq == 0) | (seq % 2 == 1)
+        free = self.lease[slots] == 0
+        if not self.spec.backpressure:
+            return free
+        return free & (unusable | (uses >= 1))
+
+    def writable_count(self, rank: int) -> int:
+        """How many of this producer's slots may be overwritten now (see backpressure in the module doc)."""
+        slots = self.slots_of(rank)
+        seq = self.seq[slots].copy()
+        return int(np.count_nonzero(self._writable(slots, seq, self._effective_uses(seq, slots))))
+
     def choose_slots_to_write(self, rank: int, count: int) -> np.ndarray:
-        """Up to ``count`` of this producer's slots, best to overwrite first."""
+        """Up to ``count`` of this producer's writable slots, best to overwrite first."""
         slots = self.slots_of(rank)
         seq = self.seq[slots].copy()
         uses = self._effective_uses(seq, slots)
+        writable = self._writable(slots, seq, uses)
+        slots, seq, uses = slots[writable], seq[writable], uses[writable]
         unusable = (seq == 0) | (seq % 2 == 1)
         exhausted = uses >= self.spec.max_reuse
         # np.lexsort: last key is primary. Unusable, then exhausted, then most used, then oldest.
@@ -254,24 +296,54 @@ class SamplePool:
         self.seq[slot] = writing + 1  # even and larger than before: ready
 
     # ------------------------------------------------------------------------------------------- trainer
-    def ready_count(self) -> int:
-        """Slots that hold a complete sample with serves left."""
+    def _ready(self, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Slots ready to serve (complete, serves left, source allowed): ``(slots, seq, uses)``."""
         seq = self.seq.copy()
-        all_slots = np.arange(self.spec.num_slots)
-        uses = self._effective_uses(seq, all_slots)
-        return int(np.count_nonzero((seq > 0) & (seq % 2 == 0) & (uses < self.spec.max_reuse)))
+        uses = self._effective_uses(seq, np.arange(self.spec.num_slots))
+        ready = (seq > 0) & (seq % 2 == 0) & (uses < self.spec.max_reuse)
+        if allowed is not None:
+            index = self.fields["index"]
+            inside = (index >= 0) & (index < len(allowed))
+            ready &= (index < 0) | (inside & allowed[np.where(inside, index, 0)])
+        slots = np.flatnonzero(ready)
+        return slots, seq[slots], uses[slots]
 
-    def acquire(self, count: int) -> list[tuple[int, int]]:
-        """Pick up to ``count`` ready slots, fewest serves first, then oldest. Returns ``(slot, seq)``."""
+    def ready_count(self, allowed: np.ndarray | None = None) -> int:
+        """Slots that hold a complete sample with serves left (and, with ``allowed``, an allowed source)."""
+        return len(self._ready(allowed)[0])
+
+    def _serve_order(self, slots: np.ndarray, uses: np.ndarray) -> np.ndarray:
+        # fewest serves first, then the newest: producers overwrite the most used and the oldest
+        return np.lexsort((-self.written_ns[slots], uses))
+
+    def acquire(self, count: int, allowed: np.ndarray | None = None) -> list[tuple[int, int]]:
+        """Pick up to ``count`` ready slots, fewest serves first, then newest. Returns ``(slot, seq)``.
+
+        ``allowed``: a bool array over dataset indices; a slot whose source ``index`` is outside it (a sample
+        from a held-out split, another rank's shard) is never picked. Sources of index -1 are always allowed.
+        """
         if count <= 0:
             return []
-        seq = self.seq.copy()
-        all_slots = np.arange(self.spec.num_slots)
-        uses = self._effective_uses(seq, all_slots)
-        candidates = np.flatnonzero((seq > 0) & (seq % 2 == 0) & (uses < self.spec.max_reuse))
-        order = np.lexsort((self.written_ns[candidates], uses[candidates]))
-        chosen = candidates[order[:count]]
-        return [(int(s), int(seq[s])) for s in chosen]
+        slots, seq, uses = self._ready(allowed)
+        order = self._serve_order(slots, uses)[:count]
+        return [(int(slots[i]), int(seq[i])) for i in order]
+
+    def acquire_matching(self, keys: np.ndarray, by: str, allowed: np.ndarray | None = None
+                         ) -> list[tuple[int, int] | None]:
+        """For each key, a distinct ready slot whose field ``by`` (``"index"`` or ``"label"``) equals it, or None."""
+        if by not in KEY_FIELDS:
+            raise ValueError(f"acquire_matching looks slots up by one of {KEY_FIELDS}, got {by!r}")
+        slots, seq, uses = self._ready(allowed)
+        order = self._serve_order(slots, uses)
+        by_key: dict[int, list[int]] = {}
+        values = self.fields[by][slots]
+        for i in order[::-1]:  # each list ends with its best slot: pop() takes it
+            by_key.setdefault(int(values[i]), []).append(int(i))
+        chosen: list[tuple[int, int] | None] = []
+        for key in np.asarray(keys).tolist():
+            candidates = by_key.get(int(key))
+            chosen.append((int(slots[i := candidates.pop()]), int(seq[i])) if candidates else None)
+        return chosen
 
     def peek(self, count: int) -> list[dict[str, np.ndarray]]:
         """Copies of up to ``count`` ready samples, for previews; serves are not counted."""
@@ -288,9 +360,14 @@ class SamplePool:
         Returns how many times this write was served before (0: a fresh sample), or None, counting nothing,
         when the producer started overwriting the slot meanwhile: the copy may be torn and must be discarded.
         """
-        for name, target in out.items():
-            np.copyto(target, self.fields[name][slot])
-        if self.seq[slot] != seq:
+        self.lease[slot] = 1  # producers skip leased slots: the copy below rarely overlaps a write
+        try:
+            for name, target in out.items():
+                np.copyto(target, self.fields[name][slot])
+            torn = self.seq[slot] != seq
+        finally:
+            self.lease[slot] = 0
+        if torn:
             self.torn += 1
             return None
         uses = int(self.uses[slot]) if self.uses_seq[slot] == seq else 0

@@ -1,277 +1,300 @@
-"""Producer processes: dataset -> diffusion pipeline -> shared-memory pool.
+"""The producer: dataset sources -> the recipe's models -> payload rows. One per generator device.
 
-One process per generator device (a fresh interpreter, as CUDA requires). Each one loads its pipeline, draws
-source samples from the dataset with its own seeded generator, runs them through ``recipe.produce`` in
-batches and writes the payloads into its own slots of the pool.
+:class:`Producer` holds what one producer needs (its models, by role, loaded once under one
+:class:`~onlineaug.models.LoadPolicy`; the recipe; the source set; the prepared state) and makes one batch per
+:meth:`Producer.step`: plan jobs (regenerations of rejected jobs first), load their source images, run
+``recipe.produce``, and check what came back:
 
-Failure handling, in the trainer (:class:`ProducerGroup`):
+* more rows than jobs is an error in the recipe (never silently dropped);
+* fewer rows is normal: rejected rows (by the recipe's reason, or ``non_finite`` for NaN/inf outputs, which are
+  never written as black images) are regenerated up to ``recipe.max_retries`` times and counted; rows neither
+  kept nor rejected are counted as ``dropped``;
+* every payload field must have the pool's shape and dtype.
 
-* an exception in a producer is sent to the trainer with the producer's traceback and re-raised there as
-  :class:`ProducerError` (as ``ExceptionWrapper`` does for DataLoader workers);
-* a producer that dies without one (killed, OOM-killed, segfault) is restarted, up to ``max_restarts``
-  times in total, while the trainer keeps serving batches; a slot it left half-written is never served;
-* a producer exits, and removes the pool's segments, when its parent (the trainer) dies.
+The same class runs in a local producer process (:mod:`onlineaug.producer_processes`, which writes the rows into
+the shared-memory pool) and could run in any other host process (a Ray actor): it knows nothing of the pool.
+
+Preparation (``recipe.prepare``) runs once per loader: the first producer to need it computes it under a file
+lock and saves it (atomically) where every producer and every restart loads it, and in the on-disk cache when
+the loader has a ``cache_dir``.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import hashlib
 import os
-import pickle
-import select
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import threading
 import time
-import traceback
-import types
+from typing import Any, Callable, Mapping
 
 import numpy as np
+import torch
 
-from onlineaug.pool import PoolSpec, unlink_segments
+from onlineaug.images import load_image, resize_uint8
+from onlineaug.models import LoadPolicy, ModelRole, ModelSpec, describe_model, load_model
+from onlineaug.pool import Field
+from onlineaug.recipes.base import DROPPED, NON_FINITE, Jobs, ProducerContext, Produced, Recipe, SourceBatch
+from onlineaug.seeding import numpy_generator, torch_generator
+from onlineaug.sources import SourceSet
 
-EXIT_REPORTED_ERROR = 3
-PRODUCER_ENV = "ONLINEAUG_PRODUCER"  # set in producer processes
-
-
-class ProducerError(RuntimeError):
-    """An exception raised inside a producer process, re-raised in the trainer with its traceback."""
-
-    def __init__(self, rank: int, device: str, remote_traceback: str):
-        self.rank, self.device, self.remote_traceback = rank, device, remote_traceback
-        super().__init__(f"producer {rank} (generator device {device}) failed:\n\n{remote_traceback}")
 
 
 @dataclasses.dataclass
-class ProducerConfig:
-    """Everything a producer process needs (pickled into the spawned process)."""
+class ProducerSettings:
+    """What every producer of one loader shares (pickled once, sent to each producer process)."""
 
-    rank: int
-    device: str
-    generator: str
-    recipe: object  # a Recipe (picklable)
-    dataset: object  # the user's map-style dataset (must be picklable, as for DataLoader workers)
+    recipe: Recipe
+    dataset: Any
     num_classes: int
+    class_names: list[str] | None
     image_size: int
     batch_size: int
     seed: int
-    trainer_rank: int = 0  # in distributed training: producers of different trainers draw different sources
-    compile_unet: bool = False
-    num_threads: int | None = None
+    trainer_rank: int
+    roles: dict[str, ModelRole]
+    specs: dict[str, ModelSpec]
+    policy: LoadPolicy
+    pool_fields: dict[str, Field]
+    labels: np.ndarray | None = None  # every dataset item's label, when the recipe draws by class
+    prepared_path: str | None = None  # where the prepared state is shared (None: the recipe prepares nothing)
+    prepare_cache_path: str | None = None  # the on-disk cache file for it (None: no cache)
 
 
-def _watch_parent(stdin, spec: PoolSpec, parent_pid: int) -> None:
-    """Exit the process (after removing the pool's segments) once the trainer is gone.
-
-    The trainer holds the write end of this process's stdin, so reading it returns EOF when the trainer
-    exits, however it exits (SIGKILL included). Processes forked from the trainer (DataLoader workers)
-    inherit that write end too, so the parent pid is also watched: it changes when the trainer dies.
-    """
-    try:
-        while os.getppid() == parent_pid:
-            readable, _, _ = select.select([stdin], [], [], 0.5)
-            if readable and not os.read(stdin.fileno(), 65536):
-                break
-        unlink_segments(spec)
-    finally:
-        os._exit(0)  # whatever happened above, never outlive the trainer
+def reject_reasons(recipe: Recipe) -> tuple[str, ...]:
+    """Every reason a producer counts a row as not written (the pool's counters are named after them)."""
+    return tuple(dict.fromkeys((*recipe.reject_reasons, NON_FINITE, DROPPED)))
 
 
-def subprocess_main() -> None:
-    """Entry point of a producer process (see :meth:`ProducerGroup._start`)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the trainer's to handle; it stops the producers
-    os.environ[PRODUCER_ENV] = "1"
-    stdin = sys.stdin.buffer
-    size = int.from_bytes(stdin.read(8), "little")
-    launch = pickle.loads(stdin.read(size))  # only the standard library is needed to read the launch record
-    try:
-        sys.path[:] = launch["sys_path"]
-        sys.argv[:] = launch["argv"]  # as multiprocessing's spawn does: the user's script may read it
-        if launch["main_path"]:  # the config refers to classes defined in the user's script: import it, as spawn does
-            import runpy
-
-            main = runpy.run_path(launch["main_path"], run_name="__mp_main__")
-            module = types.ModuleType("__mp_main__")
-            module.__dict__.update(main)
-            sys.modules["__main__"] = sys.modules["__mp_main__"] = module
-        config, spec = pickle.loads(launch["config"])
-        # the trainer's pid from the trainer itself: a trainer killed before this process even started is
-        # then seen as gone at once (getppid() here would already name its successor)
-        threading.Thread(target=_watch_parent, args=(stdin, spec, launch["trainer_pid"]), daemon=True,
-                         name="onlineaug-parent-watch").start()
-        _produce_forever(config, spec, launch["generation"])
-    except BaseException:  # noqa: BLE001 - every failure, start-up included, must reach the trainer
-        with open(launch["error_path"], "w", encoding="utf-8") as report:
-            report.write(traceback.format_exc())
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_REPORTED_ERROR)
+def counter_names(recipe: Recipe) -> tuple[str, ...]:
+    return tuple(f"rejected:{reason}" for reason in reject_reasons(recipe))
 
 
-def _produce_forever(config: ProducerConfig, spec: PoolSpec, generation: int) -> None:
-    import torch
+def prepare_cache_key(settings: ProducerSettings, dataset_fingerprint: str, sources: SourceSet) -> str | None:
+    """The prepared state's cache key: (dataset, source set, models, recipe settings), or None if none."""
+    key = settings.recipe.prepare_key()
+    if key is None:
+        return None
+    models = {role: (describe_model(settings.roles[role], spec), dataclasses.asdict(spec))
+              for role, spec in settings.specs.items()}
+    text = repr((settings.recipe.name, sorted(key.items()), dataset_fingerprint, sources.fingerprint(),
+                 sorted(models.items()), settings.image_size, settings.seed))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
-    from onlineaug.generators import load_pipeline
-    from onlineaug.images import load_image, resize_uint8
-    from onlineaug.pool import SamplePool
-    from onlineaug.recipes.base import SourceBatch
-    from onlineaug.seeding import numpy_generator, torch_generator
 
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    device = torch.device(config.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    pool = SamplePool.attach(spec)
-    recipe = config.recipe
-    pipeline = load_pipeline(config.generator, recipe.generator_task, device=config.device,
-                             compile_unet=config.compile_unet, seed=config.seed)
-    role = f"trainer{config.trainer_rank}/producer"  # streams differ by trainer, producer rank and restart
-    generator = torch_generator(config.seed, role, config.rank, generation, device=device)
-    recipe.prepare(pipeline, config.dataset, device=device, generator=generator)
-    sources_rng = numpy_generator(config.seed, f"{role}/sources", config.rank, generation)
-    rank = config.rank
-    if pool.started_ns[rank] == 0:  # the first start: a restarted producer adds to the same counters
-        pool.started_ns[rank] = time.monotonic_ns()
-    while True:
-        start = time.monotonic_ns()
-        indices = sources_rng.integers(0, len(config.dataset), size=config.batch_size)
-        items = [load_image(config.dataset, int(i), config.num_classes) for i in indices]
-        sources = SourceBatch(
-            images=torch.stack([resize_uint8(image, recipe.generation_size) for image, _ in items]).to(device),
-            originals=torch.stack([resize_uint8(image, config.image_size) for image, _ in items]),
-            labels=torch.tensor([label for _, label in items], dtype=torch.int64),
-            indices=torch.from_numpy(indices.astype(np.int64)),
-        )
+class Producer:
+    """One producer's models and state; :meth:`step` makes one batch of payload rows."""
+
+    def __init__(self, settings: ProducerSettings, *, rank: int, device: str, generation: int = 0,
+                 sources: SourceSet, beat: Callable[[], None] = lambda: None):
+        self.settings, self.rank, self.generation, self.beat = settings, rank, generation, beat
+        self.recipe = settings.recipe
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.models = {role: load_model(settings.roles[role], spec, device=self.device, policy=settings.policy,
+                                        seed=settings.seed, dataset=settings.dataset)
+                       for role, spec in settings.specs.items()}
+        for model in self.models.values():
+            _beat_on_forward(model, beat)
+        role = f"trainer{settings.trainer_rank}/producer"  # streams differ by trainer, producer rank and restart
+        self.context = ProducerContext(
+            device=self.device, rank=rank, trainer_rank=settings.trainer_rank, num_classes=settings.num_classes,
+            class_names=settings.class_names, image_size=settings.image_size, sources=sources,
+            generator=torch_generator(settings.seed, role, rank, generation, device=self.device),
+            rng=numpy_generator(settings.seed, f"{role}/jobs", rank, generation), dataset=settings.dataset)
+        self.context.state = self._prepared_state()
+        self._retries: collections.deque[tuple[Jobs, int]] = collections.deque()  # (one job, attempts so far)
+        self.counts = collections.Counter()
+
+    # --------------------------------------------------------------------------------------- sources
+    def set_sources(self, indices: np.ndarray, weights: np.ndarray | None) -> None:
+        labels = self.settings.labels[indices] if self.settings.labels is not None else None
+        self.context.sources = SourceSet(indices, weights, labels)
+        allowed = set(indices.tolist())
+        self._retries = collections.deque((job, n) for job, n in self._retries
+                                          if job.indices[0] < 0 or int(job.indices[0]) in allowed)
+
+    # ----------------------------------------------------------------------------------- preparation
+    def _prepared_state(self):
+        path = self.settings.prepared_path
+        if path is None:
+            return None
+        for candidate in (path, self.settings.prepare_cache_path):
+            if candidate and os.path.exists(candidate):
+                return _load_state(candidate)
+        with _file_lock(path + ".lock", beat=self.beat):
+            if os.path.exists(path):  # another producer prepared it while we waited
+                return _load_state(path)
+            with torch.inference_mode():
+                state = self.recipe.prepare(self.models, self.context)
+            for target in (path, self.settings.prepare_cache_path):
+                if target:
+                    _save_state(state, target)
+            return state
+
+    # ------------------------------------------------------------------------------------------ jobs
+    def _next_jobs(self, count: int) -> tuple[Jobs, np.ndarray]:
+        retried, attempts = [], []
+        while self._retries and len(retried) < count:
+            job, tries = self._retries.popleft()
+            retried.append(job)
+            attempts.append(tries)
+        fresh = self.recipe.plan_jobs(self.context, count - len(retried)) if len(retried) < count else None
+        parts = retried + ([fresh] if fresh is not None else [])
+        jobs = Jobs.concat(parts)
+        if len(jobs) != count:
+            raise ValueError(f"recipe {self.recipe.name!r}: plan_jobs returned {len(jobs) - len(retried)} jobs, "
+                             f"{count - len(retried)} were asked for")
+        return jobs, np.array(attempts + [0] * (count - len(retried)), dtype=np.int64)
+
+    def _load_sources(self, jobs: Jobs, attempts: np.ndarray) -> SourceBatch:
+        settings, size = self.settings, self.recipe.generation_size or self.settings.image_size
+        images, originals, labels = [], [], []
+        for index in jobs.indices.tolist():
+            if index < 0:  # a job without a source image (text-to-image)
+                images.append(torch.zeros(3, size, size, dtype=torch.uint8))
+                originals.append(torch.zeros(3, settings.image_size, settings.image_size, dtype=torch.uint8))
+                labels.append(-1)
+                continue
+            image, label = load_image(settings.dataset, index, settings.num_classes)
+            images.append(resize_uint8(image, size))
+            originals.append(resize_uint8(image, settings.image_size))
+            labels.append(label)
+        return SourceBatch(
+            images=torch.stack(images).to(self.device), originals=torch.stack(originals),
+            labels=torch.tensor(labels, dtype=torch.int64), indices=torch.from_numpy(jobs.indices.copy()),
+            values={k: torch.as_tensor(np.asarray(v)) for k, v in jobs.values.items()},
+            attempts=torch.from_numpy(attempts))
+
+    # ------------------------------------------------------------------------------------------- step
+    def step(self) -> dict[str, np.ndarray]:
+        """Generate one batch; return the kept rows as host arrays (field -> (m, ...)), m <= batch size."""
+        self.beat()
+        jobs, attempts = self._next_jobs(self.settings.batch_size)
+        batch = self._load_sources(jobs, attempts)
         with torch.inference_mode():
-            payload = recipe.produce(pipeline, sources, image_size=config.image_size, generator=generator)
-        arrays = {name: value.detach().cpu().numpy() for name, value in payload.items()}
-        slots = pool.choose_slots_to_write(rank, config.batch_size)
-        for row, slot in enumerate(slots):
-            pool.write(int(slot), {name: array[row] for name, array in arrays.items()})
-        pool.produced[rank] += len(slots)
-        pool.busy_ns[rank] += time.monotonic_ns() - start
+            result = self.recipe.produce(self.models, batch, self.context)
+        rows, payload, rejected = self._check(result, len(jobs))
+        for reason, job_rows in rejected.items():
+            self.counts[f"rejected:{reason}"] += len(job_rows)
+            for row in job_rows:
+                if attempts[row] < self.recipe.max_retries:
+                    self._retries.append((jobs.take([row]), int(attempts[row]) + 1))
+        unaccounted = len(jobs) - len(rows) - sum(len(r) for r in rejected.values())
+        self.counts[f"rejected:{DROPPED}"] += unaccounted
+        return payload
+
+    def _check(self, result, n: int) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, list[int]]]:
+        """Validate what ``produce`` returned; drop non-finite rows. Returns (rows, host payload, rejected)."""
+        name = self.recipe.name
+        if isinstance(result, Mapping):
+            result = Produced(dict(result))
+        if not isinstance(result, Produced):
+            raise TypeError(f"recipe {name!r}: produce must return a dict of tensors or a Produced, got "
+                            f"{type(result).__name__}")
+        fields = self.settings.pool_fields
+        if set(result.payload) != set(fields):
+            raise ValueError(f"recipe {name!r}: produce returned fields {sorted(result.payload)}, the pool "
+                             f"expects {sorted(fields)}")
+        counts = {len(v) for v in result.payload.values()}
+        if len(counts) != 1:
+            raise ValueError(f"recipe {name!r}: produce returned fields with different row counts {sorted(counts)}")
+        m = counts.pop()
+        if m > n:
+            raise ValueError(f"recipe {name!r}: produce returned {m} rows for {n} jobs; extra rows are a bug in "
+                             f"the recipe, not something to drop silently")
+        rows = np.arange(m) if result.rows is None else result.rows.detach().cpu().numpy().astype(np.int64)
+        if rows.shape != (m,) or (m and (rows.min() < 0 or rows.max() >= n)) or len(set(rows.tolist())) != m:
+            raise ValueError(f"recipe {name!r}: Produced.rows must name {m} distinct job rows in [0, {n})")
+        rejected = {reason: sorted(set(np.asarray(r.detach().cpu() if isinstance(r, torch.Tensor) else r,
+                                                  dtype=np.int64).tolist()))
+                    for reason, r in result.rejected.items()}
+        unknown = set(rejected) - set(reject_reasons(self.recipe))
+        if unknown:
+            raise ValueError(f"recipe {name!r}: rejected rows for undeclared reasons {sorted(unknown)}; declare "
+                             f"them in reject_reasons")
+        host = {}
+        finite = np.ones(m, dtype=bool)
+        for field, value in result.payload.items():
+            array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+            if array.shape[1:] != fields[field].shape or array.dtype != np.dtype(fields[field].dtype):
+                raise TypeError(f"recipe {name!r}: field {field!r} is {array.dtype} {array.shape[1:]}, the pool "
+                                f"expects {fields[field].dtype} {fields[field].shape}")
+            if np.issubdtype(array.dtype, np.floating):
+                finite &= np.isfinite(array.reshape(m, -1)).all(axis=1)
+            host[field] = array
+        if not finite.all():
+            rejected.setdefault(NON_FINITE, []).extend(rows[~finite].tolist())
+            host = {k: v[finite] for k, v in host.items()}
+            rows = rows[finite]
+        return rows, host, rejected
 
 
-def _send_launch_record(process: subprocess.Popen, launch: bytes) -> None:
-    try:
-        process.stdin.write(len(launch).to_bytes(8, "little") + launch)
-        process.stdin.flush()  # stdin stays open: its EOF tells the producer that the trainer is gone
-    except (BrokenPipeError, ValueError):
-        pass  # the producer died first (its exit is handled by poll) or the group was stopped
+# ------------------------------------------------------------------------------------------- helpers
+def _beat_on_forward(model, beat: Callable[[], None]) -> None:
+    """Call ``beat`` before every forward of the model's top-level modules (each denoising step of a UNet).
 
-
-def _references_main(payload: bytes) -> bool:
-    """Whether a pickle refers to objects defined in ``__main__`` (the user's script)."""
-    import pickletools
-
-    return any(arg == "__main__" or (isinstance(arg, str) and arg.startswith("__main__ "))
-               for _, arg, _ in pickletools.genops(payload))
-
-
-class ProducerGroup:
-    """Starts, watches and restarts the producer processes of one loader (trainer side).
-
-    Producers are plain ``python -c`` subprocesses: the launch record (config, pool spec) arrives on stdin,
-    which then stays open as the liveness signal. Unlike ``multiprocessing``'s spawn, the user's script is
-    not re-run in the producer unless the config needs a class defined in it, so the README example works
-    without an ``if __name__ == "__main__":`` guard.
+    The heartbeat then shows the producer making progress inside long pipeline calls; a producer stopped or
+    stuck in a kernel stops beating. Hooks go on the outermost modules (a compiled UNet's wrapper), outside
+    any compiled region.
     """
+    modules = [model] if isinstance(model, torch.nn.Module) else []
+    components = getattr(model, "components", None)
+    if isinstance(components, Mapping):
+        modules += [m for m in components.values() if isinstance(m, torch.nn.Module)]
+    modules += [m for m in vars(model).values() if isinstance(m, torch.nn.Module)] if hasattr(model, "__dict__") else []
+    for module in {id(m): m for m in modules}.values():
+        module.register_forward_pre_hook(lambda *_: beat())
 
-    def __init__(self, configs: list[ProducerConfig], spec: PoolSpec, *, max_restarts: int = 3):
-        self.configs, self.spec, self.max_restarts = configs, spec, max_restarts
-        self._processes: list[subprocess.Popen | None] = [None] * len(configs)
-        self._generations = [0] * len(configs)
-        self._report_dir = tempfile.mkdtemp(prefix="onlineaug-producers-")
-        self.restarts = 0
-        self._last_poll = 0.0
-        self.failure: str | None = None  # set once the group has stopped after an error
 
-    def start(self) -> None:
-        for rank in range(len(self.configs)):
-            self._start(rank)
+def _save_state(state, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    torch.save(state, temporary)
+    os.replace(temporary, path)  # atomic: readers see the whole file or none
 
-    def _error_path(self, rank: int) -> str:
-        return os.path.join(self._report_dir, f"producer-{rank}.traceback")
 
-    def _start(self, rank: int) -> None:
-        config = pickle.dumps((self.configs[rank], self.spec))
-        main_path = None
-        if _references_main(config):
-            main_path = getattr(sys.modules["__main__"], "__file__", None)
-            if main_path is None:
-                raise TypeError("the dataset or recipe is defined in an interactive session (__main__ has no "
-                                "file), so producer processes cannot import it; define it in a module")
-        launch = pickle.dumps({"trainer_pid": os.getpid(), "sys_path": list(sys.path), "argv": list(sys.argv),
-                               "main_path": main_path, "config": config,
-                               "generation": self._generations[rank], "error_path": self._error_path(rank)})
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        bootstrap = (f"import sys; sys.path.insert(0, {package_root!r}); "
-                     f"from onlineaug.producer import subprocess_main; subprocess_main()")
-        process = subprocess.Popen([sys.executable, "-c", bootstrap], stdin=subprocess.PIPE, close_fds=True)
-        self._processes[rank] = process
-        # A large dataset makes a large record, and the pipe takes it only as fast as the new interpreter
-        # reads it: write it from a thread so that a restart never stalls the training loop.
-        threading.Thread(target=_send_launch_record, args=(process, launch), daemon=True,
-                         name=f"onlineaug-launch-{rank}").start()
+def _load_state(path: str):
+    return torch.load(path, map_location="cpu", weights_only=False)
 
-    @property
-    def pids(self) -> list[int | None]:
-        return [p.pid if p is not None else None for p in self._processes]
 
-    def is_alive(self, rank: int) -> bool:
-        process = self._processes[rank]
-        return process is not None and process.poll() is None
+@contextlib.contextmanager
+def _file_lock(path: str, *, beat: Callable[[], None], poll_s: float = 0.1):
+    """An exclusive lock between processes (``fcntl.flock``), beating while it waits."""
+    import fcntl
 
-    def poll(self, *, min_interval_s: float = 0.0) -> None:
-        """Raise a producer's exception; restart producers that died without one."""
-        if self.failure is not None:
-            raise RuntimeError(f"the producers were stopped after an earlier error ({self.failure}); create a "
-                               f"new loader")
-        now = time.monotonic()
-        if now - self._last_poll < min_interval_s:
-            return
-        self._last_poll = now
-        for rank, process in enumerate(self._processes):
-            if process is None or process.poll() is None:
-                continue
-            with contextlib.suppress(BrokenPipeError):
-                process.stdin.close()
-            if process.returncode == EXIT_REPORTED_ERROR and os.path.exists(self._error_path(rank)):
-                with open(self._error_path(rank), encoding="utf-8") as report:
-                    remote_traceback = report.read()
-                self.stop()
-                self.failure = f"producer {rank} raised an exception"
-                raise ProducerError(rank, self.configs[rank].device, remote_traceback)
-            if self.restarts >= self.max_restarts:
-                self.stop()
-                self.failure = f"producer {rank} died and the restart limit ({self.max_restarts}) was used up"
-                raise RuntimeError(
-                    f"producer {rank} (device {self.configs[rank].device}) died with exit code {process.returncode} "
-                    f"and the restart limit ({self.max_restarts}) is used up; look for out-of-memory kills "
-                    f"(`dmesg`), or raise max_restarts")
-            self.restarts += 1
-            self._generations[rank] += 1
-            self._start(rank)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        for process in self._processes:
-            if process is not None and process.poll() is None:
-                process.terminate()
-        deadline = time.monotonic() + timeout
-        for process in self._processes:
-            if process is None:
-                continue
+    with open(path, "a+") as handle:
+        while True:
             try:
-                process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            with contextlib.suppress(BrokenPipeError):
-                process.stdin.close()
-        self._processes = [None] * len(self.configs)
-        shutil.rmtree(self._report_dir, ignore_errors=True)
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                beat()
+                time.sleep(poll_s)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def fingerprint_bytes(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+__all__ = ["DROPPED", "NON_FINITE", "Producer", "ProducerSettings", "counter_names", "fingerprint_bytes", "standalone_context",
+           "prepare_cache_key", "reject_reasons"]
+
+
+def standalone_context(*, num_classes: int, image_size: int, device="cpu", class_names=None, sources=None,
+                       dataset=None, seed: int = 0, state=None) -> ProducerContext:
+    """A :class:`ProducerContext` outside a loader, to call a recipe's ``produce`` directly (tests, benchmarks)."""
+    device = torch.device(device)
+    if sources is None:
+        length = len(dataset) if dataset is not None else 1
+        sources = SourceSet(np.arange(length))
+    return ProducerContext(device=device, rank=0, trainer_rank=0, num_classes=num_classes, class_names=class_names,
+                           image_size=image_size, sources=sources,
+                           generator=torch_generator(seed, "standalone", device=device),
+                           rng=numpy_generator(seed, "standalone/jobs"), dataset=dataset, state=state)

@@ -76,7 +76,7 @@ class ExplodingRecipe(DiffuseMix):
 
     name = "test-exploding"
 
-    def produce(self, pipeline, sources, *, image_size, generator):
+    def produce(self, models, batch, ctx):
         raise RuntimeError("boom from inside the producer")
 
 
@@ -139,7 +139,9 @@ def test_the_restart_limit_raises_a_clear_error(shapes):
     with loader:
         os.kill(loader.producers.pids[0], signal.SIGKILL)
         assert wait_until(lambda: not loader.producers.is_alive(0), timeout=10)
-        with pytest.raises(RuntimeError, match=r"producer 0 .* restart limit \(0\) is used up"):
+        with pytest.raises(RuntimeError, match=r"producer 0 \(device cpu\) died with exit code -9, and 0 restarts in "
+                                               r"the last 3600 s used up the budget \(max_restarts=0 per "
+                                               r"restart_window_s=3600\)"):
             for _ in loader:
                 pass
 
@@ -249,9 +251,21 @@ def test_a_corrupt_image_names_the_item():
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(recipe="no-such-recipe"), ValueError, r"unknown recipe 'no-such-recipe'; available recipes: .*genmix"),
     (dict(num_classes=7), ValueError, r"num_classes=7 but the dataset has 10 classes"),
-    (dict(pool_size=0), ValueError, r"pool_size must be an int >= 1, got 0"),
+    (dict(pool_size=0), ValueError, r"argument pool_size=0 is invalid: expected an int >= 1"),
     (dict(pool_size=10**9), MemoryError, r"the sample pool needs [\d,]+ bytes of shared memory"),
-    (dict(p_aug=1.5), ValueError, r"p_aug must be a probability in \[0, 1\]"),
+    (dict(p_aug=1.5), ValueError, r"argument p_aug=1.5 is invalid: expected a number in \[0.0, 1.0\]"),
+    (dict(p_aug="0.5"), TypeError, r"argument p_aug='0.5' is invalid: expected a number"),
+    (dict(p_aug=None), TypeError, r"argument p_aug=None is invalid: expected a number"),
+    (dict(generator_devices=None), TypeError, r"argument generator_devices=None is invalid: expected a list of devices"),
+    (dict(mean="abc"), TypeError, r"argument mean='abc' is invalid: expected 3 numbers"),
+    (dict(std=(0.2, 0.2, 0)), ValueError, r"argument std\[2\]=0 is invalid: expected a number > 0.0"),
+    (dict(rank="a"), TypeError, r"argument rank='a' is invalid: expected an int"),
+    (dict(compile_unet="yes"), ValueError, r"argument compile_unet='yes' is invalid: expected one of \[False, True"),
+    (dict(backend="cuda"), ValueError, r"argument backend='cuda' is invalid: expected one of \['auto', 'triton', 'torch'\]"),
+    (dict(recipe_options={"guidance_scale": "high"}), TypeError,
+     r"recipe 'genmix': option guidance_scale='high' is invalid: expected a number"),
+    (dict(recipe_options={"bogus": 1}), ValueError, r"recipe 'genmix' has no option\(s\) \['bogus'\]; its options are"),
+    (dict(models={"filter": "tiny"}), ValueError, r"models names unknown roles \['filter'\]; this recipe's roles: edit"),
     (dict(device="cuda:0"), ValueError, r"asks for CUDA but torch.cuda.is_available\(\) is False"),
     (dict(warmup=100, pool_size=10), ValueError, r"warmup=100 can never be reached with pool_size=10"),
 ])
@@ -433,7 +447,7 @@ def test_a_torn_read_keeps_the_real_sample(monkeypatch):
             return None if slot == 1 else result
 
         monkeypatch.setattr(pool, "read", torn_on_slot_1)
-        ready = assembler.assemble(real.clone(), torch.tensor([0, 1, 2, 3]), np.random.default_rng(0))
+        ready = assembler.assemble(real.clone(), torch.tensor([0, 1, 2, 3]), torch.arange(4), np.random.default_rng(0))
         generated = ready.batch.generated.tolist()
         assert generated.count(False) == 1 and ready.counts["misses"] == 1 and ready.counts["generated"] == 3
         kept = generated.index(False)
@@ -502,16 +516,17 @@ def test_a_recipe_whose_payload_is_all_real_fields_assembles_batch_after_batch(d
     from onlineaug.recipes import get_recipe
 
     recipe = get_recipe("cutmix")
-    fields = {"image": Field((3, 8, 8), "uint8"), "label": Field((), "int64")}
+    fields = {"image": Field((3, 8, 8), "uint8"), "label": Field((), "int64"), "index": Field((), "int64")}
     recipe.pool_fields = lambda image_size: fields  # this instance only
     pool = SamplePool.create(fields, num_slots=4, num_producers=1, max_reuse=8)
     try:
         for slot in range(4):
-            pool.write(slot, {"image": np.full((3, 8, 8), 200, np.uint8), "label": np.int64(3)})
+            pool.write(slot, {"image": np.full((3, 8, 8), 200, np.uint8), "label": np.int64(3), "index": np.int64(1)})
         assembler = BatchAssembler(recipe, pool, device=device, image_size=8, batch_size=4, p_aug=1.0)
         rng = np.random.default_rng(0)
         for size in (4, 4, 3):  # a short last batch too
-            ready = assembler.assemble(torch.zeros(size, 3, 8, 8, dtype=torch.uint8), torch.zeros(size, dtype=torch.int64), rng)
+            ready = assembler.assemble(torch.zeros(size, 3, 8, 8, dtype=torch.uint8), torch.zeros(size, dtype=torch.int64),
+                                       torch.arange(size), rng)
             batch = ready.wait()
             assert batch.generated.all() and (batch.fields["image"] == 200).all() and (batch.fields["label"] == 3).all()
     finally:

@@ -11,7 +11,7 @@ import pytest
 from onlineaug import pool as pool_module
 from onlineaug.pool import Field, SamplePool
 
-FIELDS = {"image": Field((3, 8, 8), "uint8"), "label": Field((), "int64")}
+FIELDS = {"image": Field((3, 8, 8), "uint8"), "label": Field((), "int64"), "index": Field((), "int64")}
 
 
 def segment_exists(name: str) -> bool:
@@ -26,11 +26,11 @@ def pool():
 
 
 def payload(value: int):
-    return {"image": np.full((3, 8, 8), value % 256, np.uint8), "label": np.int64(value)}
+    return {"image": np.full((3, 8, 8), value % 256, np.uint8), "label": np.int64(value), "index": np.int64(value)}
 
 
 def out_buffers():
-    return {"image": np.zeros((3, 8, 8), np.uint8), "label": np.zeros((), np.int64)}
+    return {"image": np.zeros((3, 8, 8), np.uint8), "label": np.zeros((), np.int64), "index": np.zeros((), np.int64)}
 
 
 def test_write_then_read_round_trip(pool):
@@ -71,13 +71,13 @@ def test_read_detects_a_write_that_started_during_the_copy(pool):
     assert pool.torn == 1 and pool.uses[slot] == 0
 
 
-def test_acquire_prefers_the_least_used_then_the_oldest(pool):
+def test_acquire_prefers_the_least_used_then_the_newest(pool):
     for slot in (0, 2, 4):
         pool.write(slot, payload(slot))
     [(first, seq)] = pool.acquire(1)
-    assert first == 0  # all unused: the oldest first
+    assert first == 4  # all unused: the freshest sample first
     pool.read(first, seq, out_buffers())
-    assert [s for s, _ in pool.acquire(3)] == [2, 4, 0]
+    assert [s for s, _ in pool.acquire(3)] == [2, 0, 4]
 
 
 def test_producers_overwrite_empty_then_exhausted_then_most_used_then_oldest(pool):
@@ -86,11 +86,13 @@ def test_producers_overwrite_empty_then_exhausted_then_most_used_then_oldest(poo
     assert list(pool.choose_slots_to_write(0, 3)) == rank0  # all empty: slot order
     for slot in rank0:
         pool.write(slot, payload(slot))
-    # slot 2 used twice, slot 4 once, slot 0 never: most used first, then by age
+    # slot 2 used twice, slot 4 once, slot 0 never: most used first; an unserved ready sample is kept
+    # (backpressure: a producer ahead of the trainer waits instead of overwriting what was never used)
     for slot, times in ((2, 2), (4, 1)):
         for _ in range(times):
             pool.read(slot, int(pool.seq[slot]), out_buffers())
-    assert list(pool.choose_slots_to_write(0, 3)) == [2, 4, 0]
+    assert list(pool.choose_slots_to_write(0, 3)) == [2, 4]
+    assert pool.writable_count(0) == 2
     for _ in range(3):
         pool.read(4, int(pool.seq[4]), out_buffers())  # slot 4 now exhausted (3 uses)
     assert list(pool.choose_slots_to_write(0, 1)) == [4]
@@ -164,6 +166,6 @@ def test_close_and_garbage_collection_remove_the_segments():
 
 def test_write_rejects_a_payload_of_the_wrong_shape(pool):
     with pytest.raises(ValueError, match="'image' has shape \\(3, 4, 4\\), the pool expects \\(3, 8, 8\\)"):
-        pool.write(0, {"image": np.zeros((3, 4, 4), np.uint8), "label": np.int64(0)})
-    with pytest.raises(KeyError, match="missing pool fields \\['label'\\]"):
+        pool.write(0, {"image": np.zeros((3, 4, 4), np.uint8), "label": np.int64(0), "index": np.int64(0)})
+    with pytest.raises(KeyError, match="missing pool fields \\['index', 'label'\\]"):
         pool.write(0, {"image": np.zeros((3, 8, 8), np.uint8)})

@@ -23,7 +23,8 @@ def test_registry_lists_the_built_in_recipes():
     assert {"diffusemix", "genmix", "cutmix", "mixup", "none"} <= set(available_recipes())
     with pytest.raises(ValueError, match="unknown recipe 'nope'; available recipes: cutmix, diffusemix"):
         get_recipe("nope")
-    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+    with pytest.raises(ValueError, match=r"recipe 'genmix' has no option\(s\) \['bogus'\]; its options are: "
+                                         r"prompt_set, prompts, .*num_inference_steps"):
         get_recipe("genmix", bogus=1)
 
 
@@ -63,32 +64,57 @@ def test_genmix_defaults_follow_the_paper():
     da = get_recipe("genmix", prompt_set="domain_adaptation")
     assert da.prompts == ("graffiti", "retro comic", "chalk drawing", "watercolor painting", "digital art",
                           "cartoon style")
-    with pytest.raises(ValueError, match="unknown prompt_set 'x'"):
+    with pytest.raises(ValueError, match=r"recipe 'genmix': option prompt_set='x' is invalid: expected one of "
+                                         r"\['domain_adaptation', 'general'\]"):
         get_recipe("genmix", prompt_set="x")
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(lam=1.5), r"lam \(the fractal weight\) must be in \[0, 1\]"),
-    (dict(generation_size=100), "generation_size must be a positive multiple of 8"),
-    (dict(prompts=[]), "prompts must be a non-empty list"),
-    (dict(prompt_template="no placeholder"), "prompt_template must contain"),
-    (dict(splits=("diagonal",)), "splits must be among"),
+@pytest.mark.parametrize("options, error, message", [
+    (dict(lam=1.5), ValueError, r"lam=1.5 is invalid: expected a number in \[0.0, 1.0\]"),
+    (dict(generation_size=100), ValueError, "generation_size=100 is invalid: expected a positive multiple of 8"),
+    (dict(prompts=[]), ValueError, r"prompts=\[\] is invalid: expected a list of at least 1 item"),
+    (dict(prompts="snowy"), TypeError, r"prompts='snowy' is invalid: expected a list \(for one value write \['snowy'\]\)"),
+    (dict(prompts=["ok", ""]), TypeError, r"prompts\[1\]='' is invalid: expected a non-empty string"),
+    (dict(prompt_template="no placeholder"), ValueError,
+     "prompt_template='no placeholder' is invalid: expected a template containing '{prompt}'"),
+    (dict(prompt_template="{prompt} {other}"), ValueError,
+     r"prompt_template='{prompt} {other}' is invalid: expected a template with only the fields \['prompt'\]"),
+    (dict(splits=("diagonal",)), ValueError, r"splits\[0\]='diagonal' is invalid: expected one of"),
+    (dict(flips="no"), TypeError, "flips='no' is invalid: expected a list"),
+    (dict(flips=["no"]), TypeError, r"flips\[0\]='no' is invalid: expected True or False"),
+    (dict(num_inference_steps=2.9), TypeError, r"num_inference_steps=2.9 is invalid: expected an int \(2.9 would "
+                                               r"be truncated silently\)"),
+    (dict(num_inference_steps=0), ValueError, "num_inference_steps=0 is invalid: expected an int >= 1"),
+    (dict(guidance_scale=float("nan")), ValueError, "guidance_scale=nan is invalid: expected a finite number"),
+    (dict(guidance_scale="high"), TypeError, "guidance_scale='high' is invalid: expected a number"),
+    (dict(blend_width=float("inf")), ValueError, "blend_width=inf is invalid: expected a finite number"),
+    (dict(blend_width=-1), ValueError, "blend_width=-1 is invalid: expected a number >= 0.0"),
 ])
-def test_recipe_options_are_validated(options, message):
-    with pytest.raises(ValueError, match=message):
+def test_recipe_options_are_validated_with_the_recipe_name(options, error, message):
+    with pytest.raises(error, match=r"^recipe 'diffusemix': option " + message):
         get_recipe("diffusemix", **options)
 
 
+def test_batch_time_recipes_validate_their_options():
+    with pytest.raises(ValueError, match=r"recipe 'cutmix': option alpha=0 is invalid: expected a number > 0.0"):
+        get_recipe("cutmix", alpha=0)
+    with pytest.raises(TypeError, match=r"recipe 'mixup': option alpha='1' is invalid: expected a number"):
+        get_recipe("mixup", alpha="1")
+
+
 def test_genmix_produce_with_the_tiny_generator():
-    from onlineaug.generators import load_pipeline
+    from onlineaug.models import LoadPolicy, ModelSpec, load_model
+    from onlineaug.producer import standalone_context
 
     recipe = get_recipe("genmix", generation_size=32, num_inference_steps=2)
-    pipeline = load_pipeline("tiny", recipe.generator_task)
+    models = {"edit": load_model(recipe.model_roles()["edit"], ModelSpec("tiny"), device="cpu", policy=LoadPolicy())}
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (3, 3, 32, 32), generator=g, dtype=torch.uint8)
     sources = SourceBatch(images=images, originals=resize_uint8(images, 16), labels=torch.tensor([1, 2, 3]),
                           indices=torch.tensor([10, 11, 12]))
-    payload = recipe.produce(pipeline, sources, image_size=16, generator=torch.Generator().manual_seed(1))
+    produced = recipe.produce(models, sources, standalone_context(num_classes=5, image_size=16, seed=1))
+    assert produced.rejected == {} and torch.equal(produced.rows, torch.arange(3))  # every row finite, kept
+    payload = produced.payload
     fields = recipe.pool_fields(16)
     assert set(payload) == set(fields)
     for name, field in fields.items():
@@ -96,7 +122,7 @@ def test_genmix_produce_with_the_tiny_generator():
     assert torch.equal(payload["original"], sources.originals)
     assert torch.equal(payload["label"], sources.labels) and torch.equal(payload["index"], sources.indices)
     assert ((payload["prompt_id"] >= 0) & (payload["prompt_id"] < len(recipe.prompts))).all()
-    again = recipe.produce(pipeline, sources, image_size=16, generator=torch.Generator().manual_seed(1))
+    again = recipe.produce(models, sources, standalone_context(num_classes=5, image_size=16, seed=1)).payload
     assert torch.equal(payload["generated"], again["generated"])  # deterministic by seed
 
 
@@ -108,12 +134,14 @@ def test_genmix_apply_mixes_generated_rows_and_normalises_real_ones(device):
         "original": torch.randint(0, 256, (6, 3, 16, 16), generator=g, dtype=torch.uint8),
         "generated": torch.randint(0, 256, (6, 3, 16, 16), generator=g, dtype=torch.uint8),
         "label": torch.tensor([0, 1, 2, 3, 4, 0]),
+        "prompt_id": torch.tensor([1, 7, 2, 7, 0, 3]),
     }
     generated = torch.tensor([True, False, True, False, True, True])
     batch = Batch(fields={k: v.to(device) for k, v in fields.items()}, generated=generated.to(device))
     params = recipe.sample_params(batch, ctx, torch.Generator(device=device).manual_seed(0))
-    images, targets = recipe.apply(batch, params, ctx)
+    images, targets, info = recipe.apply(batch, params, ctx)
     images, targets = images.cpu(), targets.cpu()
+    assert info["prompt_id"].cpu().tolist() == [1, -1, 2, -1, 0, 3]  # -1 on real rows
     params = {k: v.cpu() for k, v in params.items()}
     names = {v: k for k, v in ops.SPLITS.items()}
     for b in range(6):
@@ -139,7 +167,7 @@ def test_cutmix_targets_match_the_mixed_pixel_area_exactly(device):
     batch = Batch(fields={"image": images.to(device), "label": labels.to(device)},
                   generated=torch.zeros(8, dtype=torch.bool, device=device))
     params = recipe.sample_params(batch, ctx, torch.Generator(device=device).manual_seed(5))
-    mixed_images, targets = recipe.apply(batch, params, ctx)
+    mixed_images, targets, _ = recipe.apply(batch, params, ctx)
     raw, _ = ops.box_mix(images.to(device), ops.BoxMixParams(**params))
     raw, targets, partner = raw.cpu(), targets.cpu(), params["partner"].cpu()
     torch.testing.assert_close(targets.sum(1), torch.ones(8))
@@ -160,7 +188,7 @@ def test_mixup_targets_and_pixels_use_the_same_per_sample_lambda(device):
     batch = Batch(fields={"image": images.to(device), "label": labels.to(device)},
                   generated=torch.zeros(8, dtype=torch.bool, device=device))
     params = recipe.sample_params(batch, ctx, torch.Generator(device=device).manual_seed(5))
-    mixed, targets = recipe.apply(batch, params, ctx)
+    mixed, targets, _ = recipe.apply(batch, params, ctx)
     lam, partner = params["lam"].cpu(), params["partner"].cpu()
     assert lam.unique().numel() > 1  # per sample, not per batch
     normalized = ops.normalize(images, MEAN, STD)
@@ -175,9 +203,10 @@ def test_label_smoothing_keeps_rows_summing_to_one(name, device):
     recipe = get_recipe(name) if name != "genmix" else get_recipe(name, generation_size=64)
     ctx = context(device, num_classes=8, smoothing=0.1)
     images = distinct_images(8).to(device)
-    fields = {"image": images, "original": images, "generated": images, "label": torch.arange(8, device=device)}
+    fields = {"image": images, "original": images, "generated": images, "label": torch.arange(8, device=device),
+              "prompt_id": torch.zeros(8, dtype=torch.int64, device=device)}
     batch = Batch(fields=fields, generated=torch.ones(8, dtype=torch.bool, device=device))
-    _, targets = recipe.apply(batch, recipe.sample_params(batch, ctx, torch.Generator(device=device)), ctx)
+    targets = recipe.apply(batch, recipe.sample_params(batch, ctx, torch.Generator(device=device)), ctx)[1]
     torch.testing.assert_close(targets.sum(1).cpu(), torch.ones(8))
     assert targets.min() >= 0.1 / 8 - 1e-7
 

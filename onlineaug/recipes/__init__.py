@@ -6,7 +6,7 @@ Adding a recipe: write ``onlineaug/recipes/<paper>.py`` with a :class:`Recipe` s
 
 from __future__ import annotations
 
-from onlineaug.recipes.base import Batch, BatchContext, Recipe, SourceBatch
+from onlineaug.recipes.base import Batch, BatchContext, Jobs, ProducerContext, Produced, Recipe, SourceBatch
 
 _REGISTRY: dict[str, type[Recipe]] = {}
 
@@ -34,10 +34,17 @@ def get_recipe(recipe: str | Recipe, **options) -> Recipe:
         raise TypeError(f"recipe must be a name or a Recipe instance, got {type(recipe).__name__}")
     if recipe not in _REGISTRY:
         raise ValueError(f"unknown recipe {recipe!r}; available recipes: {', '.join(available_recipes())}")
-    return _REGISTRY[recipe](**options)
+    cls = _REGISTRY[recipe]
+    valid = cls.option_names()
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"recipe {recipe!r} has no option(s) {unknown}; its options are: "
+                         f"{', '.join(valid) if valid else '(none)'}")
+    return cls(**options)
 
 
 # The built-in recipes register themselves on import.
 from onlineaug.recipes import cutmix, diffusemix, genmix, mixup, vanilla  # noqa: E402,F401
 
-__all__ = ["Batch", "BatchContext", "Recipe", "SourceBatch", "available_recipes", "get_recipe", "register_recipe"]
+__all__ = ["Batch", "BatchContext", "Jobs", "ProducerContext", "Produced", "Recipe", "SourceBatch",
+           "available_recipes", "get_recipe", "register_recipe"]

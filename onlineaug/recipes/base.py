@@ -1,58 +1,150 @@
 """The recipe interface: what one paper's method generates, and how it mixes at batch time.
 
-A recipe is the only paper-specific piece of the data path. The loader, the pool and the producers only
-know this interface, so a new method is a new file in ``onlineaug/recipes/`` and one registry line:
+A recipe is the only paper-specific piece of the data path. The loader, the pool and the producers only know
+this interface, so a new method is a new file in ``onlineaug/recipes/`` and one registry line.
 
-Producer side (in a producer process, on a generator device)
-    ``generator_task``      which diffusers pipeline to load ("instruct-pix2pix", "img2img", "text2img"), or
-                            None for batch-time-only recipes (CutMix, Mixup), which start no producer.
+Producer side (in a producer process, on a generator device; the same code would run in a Ray actor)
+    ``model_roles()``       the models it needs by role (``"edit"``, ``"filter"``, ``"segmenter"``, ...): a
+                            :class:`~onlineaug.models.ModelRole` each; ``main_role`` is the one ``generator=``
+                            names. No roles: a batch-time-only recipe (CutMix, Mixup) that starts no producer.
     ``pool_fields(S)``      the payload of one generated sample, as fixed-size :class:`~onlineaug.pool.Field` s
-                            (sizes the shared-memory slots).
-    ``prepare(...)``        once per producer before producing (e.g. DiffCoRe-Mix's per-class CLIP
-                            similarity thresholds).
-    ``produce(...)``        a batch of source samples -> a batch of payloads.
+                            (sizes the shared-memory slots). Always holds ``index`` (the source's dataset index,
+                            -1 for none) and ``label`` (the class the sample is served as), both int64.
+    ``prepare(models, ctx)``  once per loader, before producing: state computed from the data (DiffCoRe-Mix's
+                            per-class CLIP thresholds). Its result is shared by every producer, kept across
+                            restarts and cached on disk under ``prepare_key()``.
+    ``plan_jobs(ctx, n)``   which sources the next ``n`` generations start from (default: ``n`` indices drawn
+                            from what the trainer's sampler can yield), plus per-job values (target class,
+                            strength, ...).
+    ``produce(models, batch, ctx)``  a batch of jobs -> payloads. It may keep fewer rows than it was given
+                            (:class:`Produced`: rejected rows, by reason, are regenerated up to ``max_retries``).
 
 Trainer side (in the training process, on the trainer's device)
-    ``real_fields``         which batch fields a real sample fills: field name -> "image" or "label".
+    ``real_fields``         which batch fields a real sample fills: field name -> "image" (``label`` and ``index``
+                            are always filled).
+    ``serve_match``         None: a replaced row takes any pooled sample; ``"class"``: one of the row's class;
+                            ``"index"``: an edit of the row's own image.
     ``sample_params(...)``  draw this batch's per-sample parameters with an explicit ``torch.Generator``.
-    ``apply(...)``          fields + parameters -> ``(images, soft targets)``.
+    ``apply(...)``          fields + parameters -> ``(images, soft targets)`` or ``(images, targets, info)``.
 
-A batch holds, for every sample, the fields of ``real_fields`` and of ``pool_fields``. For a real sample the
-pool-only fields hold stale data; for a sample replaced from the pool every pool field is copied in (a field
-named in both is overwritten). ``batch.generated`` says which is which; ``apply`` must use it.
-
-Payload designs for the recipes that come next (they fit without loader changes):
-
-* Diff-Mix (Wang et al. 2024): img2img edit of a class-i image toward class j. Pool fields: ``image``,
-  ``label`` (source), ``target_label``, ``strength``; target ``(1 - s**gamma) y_src + s**gamma y_tgt``.
-* DiffCoRe-Mix: text2img per class with negative prompts, a per-class CLIP similarity threshold computed in
-  ``prepare``; pool fields ``original`` (a real image of the class, drawn by the producer), ``generated``,
-  ``label``; mixed at batch time with :func:`onlineaug.ops.box_mix` / :func:`onlineaug.ops.pixel_mix`.
-* De-DA: pool fields ``foreground`` (RGBA, 4xSxS), ``background`` (3xSxS, inpainted), ``label``; composed at
-  batch time onto another class's background with :func:`onlineaug.ops.composite`.
+A batch holds, for every sample, the fields of ``real_fields``, ``label``, ``index`` and the ``pool_fields``.
+For a real sample the pool-only fields hold stale data; for a sample replaced from the pool every pool field is
+copied in (a field named in both is overwritten). ``batch.generated`` says which is which; ``apply`` must use it.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import ClassVar, Mapping
+import inspect
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
+import numpy as np
 import torch
 
 from onlineaug.pool import Field
 
+if TYPE_CHECKING:  # pragma: no cover
+    from onlineaug.models import ModelRole
+    from onlineaug.sources import SourceSet
+
+
+# ------------------------------------------------------------------------------------------ producer side
+NON_FINITE = "non_finite"  # the reject reason of an output holding NaN or inf (never written as a black image)
+DROPPED = "dropped"  # rows ``produce`` neither kept nor rejected
+
+
+@dataclasses.dataclass
+class Jobs:
+    """What the next generations start from: one row per job."""
+
+    indices: np.ndarray  # int64 (n,): dataset index of each job's source image (-1: no source image)
+    values: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # per-job values, (n, ...) each
+
+    def __post_init__(self):
+        self.indices = np.asarray(self.indices, dtype=np.int64)
+        for name, value in self.values.items():
+            if len(value) != len(self.indices):
+                raise ValueError(f"job value {name!r} has {len(value)} rows for {len(self.indices)} jobs")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def take(self, rows) -> "Jobs":
+        rows = np.asarray(rows, dtype=np.int64)
+        return Jobs(self.indices[rows], {k: np.asarray(v)[rows] for k, v in self.values.items()})
+
+    @staticmethod
+    def concat(parts: "list[Jobs]") -> "Jobs":
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return Jobs(np.zeros(0, dtype=np.int64))
+        names = set(parts[0].values)
+        if any(set(p.values) != names for p in parts):
+            raise ValueError("jobs to concatenate carry different values")
+        return Jobs(np.concatenate([p.indices for p in parts]),
+                    {k: np.concatenate([np.asarray(p.values[k]) for p in parts]) for k in names})
+
 
 @dataclasses.dataclass
 class SourceBatch:
-    """Source samples handed to :meth:`Recipe.produce` (on the producer's device)."""
+    """A batch of jobs handed to :meth:`Recipe.produce`, with their source images loaded.
+
+    Rows without a source image (``indices == -1``) hold zeros in ``images``/``originals`` and label -1.
+    """
 
     images: torch.Tensor  # uint8 (n, 3, G, G) at the recipe's generation size, on the producer's device
     originals: torch.Tensor  # uint8 (n, 3, S, S): the same images at the training size (as real samples are)
-    labels: torch.Tensor  # int64 (n,)
-    indices: torch.Tensor  # int64 (n,) dataset indices
+    labels: torch.Tensor  # int64 (n,): the source images' classes
+    indices: torch.Tensor  # int64 (n,): dataset indices
+    values: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # the jobs' values, (n, ...)
+    attempts: torch.Tensor | None = None  # int64 (n,): 0 for a new job, k for its k-th regeneration
+    crops: torch.Tensor | None = None  # int64 (n, 4): (top, left, height, width) of each image in its item
+
+    @property
+    def size(self) -> int:
+        return int(self.indices.shape[0])
 
 
+@dataclasses.dataclass
+class Produced:
+    """What :meth:`Recipe.produce` returns when it does not keep every row.
+
+    ``payload`` holds ``m <= n`` rows; ``rows[i]`` is the job row payload row ``i`` came from (default: the first
+    ``m`` rows). ``rejected`` maps a reason to the job rows rejected for it: those jobs are regenerated (up to
+    the recipe's ``max_retries``) and counted per reason. Job rows neither kept nor rejected are counted as
+    ``dropped``.
+    """
+
+    payload: dict[str, torch.Tensor]
+    rows: torch.Tensor | None = None
+    rejected: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class ProducerContext:
+    """What a producer knows beyond its models, handed to ``prepare``, ``plan_jobs`` and ``produce``."""
+
+    device: torch.device
+    rank: int  # this producer's rank among the loader's producers
+    trainer_rank: int  # the trainer's distributed rank
+    num_classes: int
+    class_names: list[str] | None
+    image_size: int  # the training size S
+    sources: "SourceSet"  # the indices the trainer's sampler can yield (and their classes, weights)
+    generator: torch.Generator  # seeded, on ``device``: for the models
+    rng: np.random.Generator  # seeded, on the host: for planning
+    dataset: Any = None  # the user's dataset (for recipes that read masks or other item fields)
+    state: Any = None  # what ``prepare`` returned (None before / without preparation)
+
+    def class_name(self, label: int) -> str:
+        if self.class_names is None:
+            raise ValueError("this recipe builds prompts from class names, but the loader has none: pass "
+                             "class_names=[...] or use a dataset with a .classes attribute")
+        return self.class_names[int(label)]
+
+
+# ------------------------------------------------------------------------------------------- trainer side
 @dataclasses.dataclass
 class Batch:
     """One training batch before mixing (on the trainer's device)."""
@@ -80,28 +172,63 @@ class BatchContext:
     backend: str = "auto"
 
 
+# ----------------------------------------------------------------------------------------------- recipes
+SERVE_MATCHES = (None, "class", "index")
+
+
 class Recipe(abc.ABC):
-    """Base class of every recipe. Subclasses set the class attributes and implement the methods."""
+    """Base class of every recipe. Subclasses set the class attributes and implement the methods.
+
+    Options are the keyword arguments of ``__init__``: :func:`onlineaug.recipes.get_recipe` rejects unknown ones
+    with the recipe's name and the valid keys, and each recipe validates its values (see
+    :mod:`onlineaug.recipes.options`).
+    """
 
     name: ClassVar[str]
     paper: ClassVar[str]
-    generator_task: ClassVar[str | None] = None
+    main_role: ClassVar[str | None] = None
     uses_fractals: ClassVar[bool] = False
-    real_fields: ClassVar[Mapping[str, str]] = {"image": "image", "label": "label"}
-
+    needs_class_names: ClassVar[bool] = False  # prompts are built from class names: fail early without them
+    needs_labels: ClassVar[bool] = False  # producers draw sources by class (ctx.sources has labels)
+    real_fields: ClassVar[Mapping[str, str]] = {"image": "image"}
+    reject_reasons: ClassVar[tuple[str, ...]] = ()  # the reasons ``produce`` may reject a row for
+    serve_match: str | None = None
+    max_retries: int = 0  # regenerations of a rejected job
     generation_size: int | None = None
 
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The keyword arguments of ``__init__``: this recipe's options."""
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        return [p.name for p in parameters if p.name != "self" and p.kind is p.KEYWORD_ONLY]
+
     # ----------------------------------------------------------------------------------- producer side
-    def pool_fields(self, image_size: int) -> dict[str, Field]:
-        """Payload of one generated sample. Batch-time-only recipes have none."""
+    @property
+    def generative(self) -> bool:
+        return bool(self.model_roles())
+
+    def model_roles(self) -> dict[str, "ModelRole"]:
+        """The models the producers run, by role. Batch-time-only recipes have none."""
         return {}
 
-    def prepare(self, pipeline, dataset, *, device: torch.device, generator: torch.Generator) -> None:
-        """Called once in each producer after the pipeline is loaded. Default: nothing to prepare."""
+    def pool_fields(self, image_size: int) -> dict[str, Field]:
+        """Payload of one generated sample (with ``index`` and ``label``). Batch-time-only recipes have none."""
+        return {}
 
-    def produce(self, pipeline, sources: SourceBatch, *, image_size: int,
-                generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Generate payloads for a batch of sources: field name -> (n, ...) tensor."""
+    def prepare_key(self) -> dict | None:
+        """The settings that change what ``prepare`` computes (part of its cache key), or None: no preparation."""
+        return None
+
+    def prepare(self, models: Mapping[str, Any], ctx: ProducerContext):
+        """State computed once per loader from the data, before producing (picklable; tensors on the CPU)."""
+        return None
+
+    def plan_jobs(self, ctx: ProducerContext, count: int) -> Jobs:
+        """The next ``count`` jobs. Default: source indices drawn from what the sampler yields."""
+        return Jobs(ctx.sources.draw(count, ctx.rng))
+
+    def produce(self, models: Mapping[str, Any], batch: SourceBatch, ctx: ProducerContext) -> Produced | dict:
+        """Generate payloads for a batch of jobs: field name -> (n, ...) tensor, or a :class:`Produced`."""
         raise NotImplementedError(f"recipe {self.name!r} has no generator")
 
     # ------------------------------------------------------------------------------------ trainer side
@@ -110,8 +237,9 @@ class Recipe(abc.ABC):
         """Per-sample parameters for ``apply``, drawn on the trainer's device."""
 
     @abc.abstractmethod
-    def apply(self, batch: Batch, params: Mapping[str, torch.Tensor], ctx: BatchContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(images, targets)``: normalised images (B,3,S,S) in ``ctx.out_dtype``, soft targets (B,K)."""
+    def apply(self, batch: Batch, params: Mapping[str, torch.Tensor], ctx: BatchContext):
+        """``(images, targets)`` or ``(images, targets, info)``: normalised images (B,3,S,S) in ``ctx.out_dtype``,
+        soft targets (B,K), and per-sample (B,) tensors worth logging."""
 
     def describe(self) -> dict:
         """The recipe's settings, for logs and metrics files."""

@@ -13,6 +13,7 @@ from typing import Mapping
 import torch
 
 from onlineaug import ops
+from onlineaug.checks import Checks
 from onlineaug.recipes import register_recipe
 from onlineaug.recipes.base import Batch, BatchContext, Recipe
 
@@ -28,9 +29,7 @@ class CutMix(Recipe):
     paper = "Yun et al., CutMix, ICCV 2019"
 
     def __init__(self, *, alpha: float = 1.0):
-        if alpha <= 0:
-            raise ValueError(f"alpha must be > 0 (lambda ~ Beta(alpha, alpha)), got {alpha}")
-        self.alpha = float(alpha)
+        self.alpha = Checks.recipe(self.name).real("alpha", alpha, low=0.0, low_open=True)  # lambda ~ Beta(a, a)
 
     def sample_params(self, batch, ctx, generator):
         height, width = batch.fields["image"].shape[-2:]
@@ -43,4 +42,5 @@ class CutMix(Recipe):
         labels = batch.fields["label"]
         targets = ops.soft_labels(torch.stack([labels, labels[params["partner"]]], 1),
                                   torch.stack([kept, 1 - kept], 1), ctx.num_classes, smoothing=ctx.label_smoothing)
-        return ops.normalize(mixed, ctx.mean, ctx.std, ctx.out_dtype), targets
+        info = {"partner": params["partner"], "kept": kept}
+        return ops.normalize(mixed, ctx.mean, ctx.std, ctx.out_dtype), targets, info

@@ -20,10 +20,12 @@ from typing import Mapping, Sequence
 import torch
 
 from onlineaug import ops
-from onlineaug.images import resize_uint8
+from onlineaug.checks import Checks
+from onlineaug.models import ModelRole
 from onlineaug.pool import Field
 from onlineaug.recipes import register_recipe
-from onlineaug.recipes.base import Batch, BatchContext, Recipe, SourceBatch
+from onlineaug.recipes.base import NON_FINITE, Batch, BatchContext, ProducerContext, Recipe, SourceBatch
+from onlineaug.recipes.generation import keep_rows, to_uint8
 
 PROMPTS = ("autumn", "snowy", "watercolor art", "sunset", "rainbow", "aurora", "mosaic", "ukiyo-e",
            "a sketch with crayon")
@@ -33,9 +35,10 @@ PROMPTS = ("autumn", "snowy", "watercolor art", "sunset", "rainbow", "aurora", "
 class DiffuseMix(Recipe):
     name = "diffusemix"
     paper = "Islam et al., DiffuseMix: Label-Preserving Data Augmentation with Diffusion Models, CVPR 2024"
-    generator_task = "instruct-pix2pix"
+    main_role = "edit"
     uses_fractals = True
-    real_fields = {"original": "image", "label": "label"}
+    real_fields = {"original": "image"}
+    reject_reasons = (NON_FINITE,)
 
     default_prompts: Sequence[str] = PROMPTS
     default_template = "{prompt}"
@@ -46,34 +49,18 @@ class DiffuseMix(Recipe):
                  num_inference_steps: int = 100, guidance_scale: float = 4.0, image_guidance_scale: float = 1.5,
                  generation_size: int | None = None, blend_width: float = 20.0, lam: float = 0.2,
                  splits: Sequence[str] = ("top_bottom", "left_right"), flips: Sequence[bool] | None = None):
-        self.prompts = tuple(prompts if prompts is not None else self.default_prompts)
-        self.prompt_template = prompt_template if prompt_template is not None else self.default_template
-        self.num_inference_steps = int(num_inference_steps)
-        self.guidance_scale = float(guidance_scale)
-        self.image_guidance_scale = float(image_guidance_scale)
-        self.generation_size = int(generation_size or self.default_generation_size)
-        self.blend_width = float(blend_width)
-        self.lam = float(lam)
-        self.splits = tuple(splits)
-        self.flips = tuple(flips if flips is not None else self.default_flips)
-        if not self.prompts or not all(isinstance(p, str) and p for p in self.prompts):
-            raise ValueError(f"prompts must be a non-empty list of non-empty strings, got {prompts!r}")
-        if "{prompt}" not in self.prompt_template:
-            raise ValueError(f"prompt_template must contain '{{prompt}}', got {self.prompt_template!r}")
-        if self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        if self.generation_size < 8 or self.generation_size % 8:
-            raise ValueError(f"generation_size must be a positive multiple of 8 (the VAE's downsampling), "
-                             f"got {self.generation_size}")
-        if not 0 <= self.lam <= 1:
-            raise ValueError(f"lam (the fractal weight) must be in [0, 1], got {lam}")
-        if self.blend_width < 0:
-            raise ValueError(f"blend_width must be >= 0 pixels, got {blend_width}")
-        for split in self.splits:
-            if split not in ops.SPLITS:
-                raise ValueError(f"splits must be among {sorted(ops.SPLITS)}, got {split!r}")
-        if not self.splits or not self.flips:
-            raise ValueError("splits and flips must each allow at least one value")
+        check = Checks.recipe(self.name)
+        self.prompts = check.strings("prompts", self.default_prompts if prompts is None else prompts)
+        self.prompt_template = check.template(
+            "prompt_template", self.default_template if prompt_template is None else prompt_template, "prompt")
+        self.num_inference_steps = check.integer("num_inference_steps", num_inference_steps, low=1)
+        self.guidance_scale = check.real("guidance_scale", guidance_scale, low=0.0)
+        self.image_guidance_scale = check.real("image_guidance_scale", image_guidance_scale, low=0.0)
+        self.generation_size = check.generation_size(generation_size, self.default_generation_size)
+        self.blend_width = check.real("blend_width", blend_width, low=0.0)
+        self.lam = check.real("lam", lam, low=0.0, high=1.0)
+        self.splits = check.sequence("splits", splits, lambda n, v: check.choice(n, v, sorted(ops.SPLITS)))
+        self.flips = check.sequence("flips", self.default_flips if flips is None else flips, check.boolean)
 
     def prompt_text(self, prompt_id: int) -> str:
         return self.prompt_template.format(prompt=self.prompts[prompt_id])
@@ -87,34 +74,34 @@ class DiffuseMix(Recipe):
         return self.blend_width * image_size / self.default_generation_size
 
     # ----------------------------------------------------------------------------------- producer side
+    def model_roles(self) -> dict[str, ModelRole]:
+        # DiffuseMix's official code runs InstructPix2Pix with the Euler ancestral scheduler
+        return {"edit": ModelRole("instruct-pix2pix", "timbrooks/instruct-pix2pix", architecture="sd15",
+                                  scheduler="euler_a")}
+
     def pool_fields(self, image_size: int) -> dict[str, Field]:
         image = Field((3, image_size, image_size), "uint8")
         return {"original": image, "generated": image, "label": Field((), "int64"),
                 "index": Field((), "int64"), "prompt_id": Field((), "int64")}
 
-    def produce(self, pipeline, sources: SourceBatch, *, image_size: int,
-                generator: torch.Generator) -> dict[str, torch.Tensor]:
-        count, device = sources.images.shape[0], generator.device
-        prompt_ids = torch.randint(len(self.prompts), (count,), generator=generator, device=device).cpu()
-        seeds = torch.randint(2**62, (count,), generator=generator, device=device).tolist()
+    def produce(self, models, batch: SourceBatch, ctx: ProducerContext):
+        count, device = batch.size, ctx.generator.device
+        prompt_ids = torch.randint(len(self.prompts), (count,), generator=ctx.generator, device=device).cpu()
+        seeds = torch.randint(2**62, (count,), generator=ctx.generator, device=device).tolist()
         per_sample = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-        edited = pipeline(
+        edited = models["edit"](
             prompt=[self.prompt_text(i) for i in prompt_ids.tolist()],
-            image=sources.images.float().div(255),
+            image=batch.images.float().div(255),
             num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale,
             image_guidance_scale=self.image_guidance_scale,
             generator=per_sample,
             output_type="pt",
         ).images
-        edited = edited.float().clamp(0, 1).mul(255).round().to(torch.uint8)
-        return {
-            "original": sources.originals,
-            "generated": resize_uint8(edited, image_size),
-            "label": sources.labels,
-            "index": sources.indices,
-            "prompt_id": prompt_ids,
-        }
+        generated, finite = to_uint8(edited, ctx.image_size)
+        payload = {"original": batch.originals, "generated": generated.cpu(), "label": batch.labels,
+                   "index": batch.indices, "prompt_id": prompt_ids}
+        return keep_rows(payload, finite, NON_FINITE)
 
     # ------------------------------------------------------------------------------------ trainer side
     def sample_params(self, batch: Batch, ctx: BatchContext, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -128,4 +115,6 @@ class DiffuseMix(Recipe):
             batch.fields["original"], batch.fields["generated"], ctx.fractals, ops.ConcatBlendParams(**params),
             mean=ctx.mean, std=ctx.std, out_dtype=ctx.out_dtype, backend=ctx.backend)
         targets = ops.one_hot_targets(batch.fields["label"], ctx.num_classes, smoothing=ctx.label_smoothing)
-        return images, targets
+        info = {"split": params["split"], "flip": params["flip"], "fractal_index": params["fractal_index"],
+                "prompt_id": torch.where(batch.generated, batch.fields["prompt_id"], -1)}
+        return images, targets, info

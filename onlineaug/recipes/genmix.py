@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from onlineaug.checks import Checks
 from onlineaug.recipes import register_recipe
 from onlineaug.recipes.diffusemix import PROMPTS, DiffuseMix
 
@@ -30,8 +31,14 @@ class GenMix(DiffuseMix):
     default_generation_size = 512
     default_flips: Sequence[bool] = (False, True)
 
-    def __init__(self, *, prompt_set: str = "general", prompts: Sequence[str] | None = None, **options):
-        if prompt_set not in PROMPT_SETS:
-            raise ValueError(f"unknown prompt_set {prompt_set!r}; choose one of {sorted(PROMPT_SETS)}")
-        self.prompt_set = prompt_set
-        super().__init__(prompts=prompts if prompts is not None else PROMPT_SETS[prompt_set], **options)
+    def __init__(self, *, prompt_set: str = "general", prompts: Sequence[str] | None = None,
+                 prompt_template: str | None = None, num_inference_steps: int = 100, guidance_scale: float = 4.0,
+                 image_guidance_scale: float = 1.5, generation_size: int | None = None, blend_width: float = 20.0,
+                 lam: float = 0.2, splits: Sequence[str] = ("top_bottom", "left_right"),
+                 flips: Sequence[bool] | None = None):
+        self.prompt_set = Checks.recipe(self.name).choice("prompt_set", prompt_set, sorted(PROMPT_SETS))
+        super().__init__(prompts=PROMPT_SETS[prompt_set] if prompts is None else prompts,
+                         prompt_template=prompt_template, num_inference_steps=num_inference_steps,
+                         guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
+                         generation_size=generation_size, blend_width=blend_width, lam=lam, splits=splits,
+                         flips=flips)

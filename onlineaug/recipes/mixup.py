@@ -11,6 +11,7 @@ from typing import Mapping
 import torch
 
 from onlineaug import ops
+from onlineaug.checks import Checks
 from onlineaug.recipes import register_recipe
 from onlineaug.recipes.base import Batch, BatchContext, Recipe
 from onlineaug.recipes.cutmix import sample_active
@@ -22,9 +23,7 @@ class Mixup(Recipe):
     paper = "Zhang et al., mixup, ICLR 2018"
 
     def __init__(self, *, alpha: float = 1.0):
-        if alpha <= 0:
-            raise ValueError(f"alpha must be > 0 (lambda ~ Beta(alpha, alpha)), got {alpha}")
-        self.alpha = float(alpha)
+        self.alpha = Checks.recipe(self.name).real("alpha", alpha, low=0.0, low_open=True)  # lambda ~ Beta(a, a)
 
     def sample_params(self, batch, ctx, generator):
         return vars(ops.sample_pixel_mix_params(sample_active(batch, ctx, generator), alpha=self.alpha, generator=generator))
@@ -35,4 +34,4 @@ class Mixup(Recipe):
         labels, lam = batch.fields["label"], params["lam"]
         targets = ops.soft_labels(torch.stack([labels, labels[params["partner"]]], 1),
                                   torch.stack([lam, 1 - lam], 1), ctx.num_classes, smoothing=ctx.label_smoothing)
-        return mixed, targets
+        return mixed, targets, {"partner": params["partner"], "lam": lam}
