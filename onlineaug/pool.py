@@ -18,9 +18,12 @@ Slot protocol (a seqlock; no cross-process lock, so a producer killed at any ins
 * The producer makes ``seq[s]`` odd, writes the payload, then makes ``seq[s]`` even and larger than any
   value it had before. An odd ``seq`` (including one left by a producer that died mid-write) is never
   served; ``seq == 0`` is a slot never written.
-* The trainer (the only consumer, and the only writer of ``uses``/``uses_seq``/``lease``) picks ready slots,
-  sets ``lease[s]`` while it copies them out, and re-reads ``seq``: if it changed, the copy may be torn and is
-  thrown away. A slot is served at most ``max_reuse`` times per write: ``uses[s]`` counts serves of the write
+* The trainer (the only consumer, and the only writer of ``uses``/``uses_seq``/``lease``) leases the ready slots
+  it picks (``lease[s]`` = the time it took them) until it has copied them out; it checks ``seq`` before and
+  after the copy: if it changed, the copy may be torn and is thrown away. A producer skips leased slots, and
+  after making ``seq`` odd it checks ``lease`` once more and backs off (restoring ``seq``) if the trainer took
+  the slot meanwhile. A lease older than ``LEASE_TIMEOUT_NS`` (a trainer that died or raised between picking and
+  copying) no longer holds a slot. A slot is served at most ``max_reuse`` times per write: ``uses[s]`` counts serves of the write
   numbered ``uses_seq[s]``.
 * The two sides prefer different slots, so that a read rarely overlaps a write: the trainer takes the fewest
   served, then the newest; a producer overwrites, among its own slots that no read holds, never-written or
@@ -52,6 +55,7 @@ import numpy as np
 
 SHM_DIR = "/dev/shm"
 SLOT_ARRAYS = ("seq", "uses", "uses_seq", "written_ns", "lease")
+LEASE_TIMEOUT_NS = 1_000_000_000  # a lease older than this (its reader died or gave up) no longer holds a slot
 BASE_COUNTERS = ("produced", "busy_ns", "started_ns", "heartbeat_ns", "steps")
 KEY_FIELDS = ("index", "label")  # every payload's lookup keys (int64 scalars)
 SEGMENT_PREFIX = "onlineaug_"
@@ -126,22 +130,63 @@ def check_shm_capacity(needed: int, *, num_slots: int, slot_bytes: int, path: st
         )
 
 
-def _attach_untracked(name: str) -> shared_memory.SharedMemory:
-    """Attach to a segment without registering it with this process's resource tracker.
+def _untracked(name: str, *, create: bool = False, size: int = 0) -> shared_memory.SharedMemory:
+    """Create or attach a segment without Python's resource tracker.
 
-    Before Python 3.13, attaching registers the segment, and the tracker unlinks it when this process
-    exits: a producer that exits would delete the trainer's pool. Only the creator may own the segment.
+    The tracker is per process tree and knows nothing of our cleanup: before Python 3.13 an *attaching* producer
+    that exits would unlink the trainer's pool, and a trainer killed by SIGKILL makes its tracker "clean up leaked
+    shared_memory objects" that the producers have already removed (a warning per segment). Segments are removed
+    instead by their owner (:meth:`SamplePool.close`, at exit or garbage collection), by the producers when the
+    trainer dies, and, for a trainer killed while no producer ran, by :func:`sweep_stale_segments` at the next
+    pool creation (segment names carry the creating process's pid).
     """
     if sys.version_info >= (3, 13):
-        return shared_memory.SharedMemory(name=name, track=False)
+        return shared_memory.SharedMemory(name=name, create=create, size=size, track=False)
     from multiprocessing import resource_tracker
 
     register = resource_tracker.register
     resource_tracker.register = lambda *args, **kwargs: None
     try:
-        return shared_memory.SharedMemory(name=name)
+        return shared_memory.SharedMemory(name=name, create=create, size=size)
     finally:
         resource_tracker.register = register
+
+
+def _attach_untracked(name: str) -> shared_memory.SharedMemory:
+    return _untracked(name)
+
+
+def segment_name(kind: str) -> str:
+    """A fresh segment name: ``onlineaug_<pid>_<random>_<kind>`` (the pid lets a later run sweep debris)."""
+    return f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(4)}_{kind}"
+
+
+def sweep_stale_segments(directory: str = "/dev/shm") -> list[str]:
+    """Remove onlineaug segments whose creating process is gone (a trainer killed while no producer ran)."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(SEGMENT_PREFIX):
+            continue
+        pid = name[len(SEGMENT_PREFIX):].split("_", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        _unlink_quietly(name)
+        removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: not ours to judge
+    return True
 
 
 def _unlink_quietly(name: str) -> None:
@@ -206,7 +251,7 @@ class SamplePool:
             warnings.warn(f"the sample pool's lock-free slot protocol relies on x86-64 memory ordering; on "
                           f"{platform.machine()} a read that overlaps a producer's write may go undetected",
                           RuntimeWarning, stacklevel=2)
-        token = f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
+        token = segment_name("pool")
         for key in KEY_FIELDS:
             if fields.get(key) != Field((), "int64"):
                 raise ValueError(f"a pool payload needs the int64 scalar field {key!r} (the lookup keys "
@@ -215,12 +260,13 @@ class SamplePool:
         spec = PoolSpec(f"{token}_data", f"{token}_ctl", num_slots, num_producers, max_reuse,
                         tuple((name, field) for name, field in fields.items()), counters, backpressure)
         check_shm_capacity(spec.data_bytes + spec.control_bytes, num_slots=num_slots, slot_bytes=spec.slot_bytes)
-        data = shared_memory.SharedMemory(name=spec.data_name, create=True, size=max(spec.data_bytes, 1))
+        sweep_stale_segments()
+        data = _untracked(spec.data_name, create=True, size=max(spec.data_bytes, 1))
         try:
-            control = shared_memory.SharedMemory(name=spec.control_name, create=True, size=spec.control_bytes)
+            control = _untracked(spec.control_name, create=True, size=spec.control_bytes)
         except BaseException:
             data.close()
-            data.unlink()
+            _unlink_quietly(spec.data_name)
             raise
         np.ndarray((spec.control_bytes // 8,), dtype=np.int64, buffer=control.buf)[:] = 0
         return cls(spec, data, control, owner=True)
@@ -251,10 +297,14 @@ class SamplePool:
 
     def _writable(self, slots: np.ndarray, seq: np.ndarray, uses: np.ndarray) -> np.ndarray:
         unusable = (seq == 0) | (seq % 2 == 1)
-        free = self.lease[slots] == 0
+        free = ~self._leased(slots)
         if not self.spec.backpressure:
             return free
         return free & (unusable | (uses >= 1))
+
+    def _leased(self, slots):
+        lease = self.lease[slots]
+        return (lease != 0) & (time.monotonic_ns() - lease < LEASE_TIMEOUT_NS)
 
     def writable_count(self, rank: int) -> int:
         """How many of this producer's slots may be overwritten now (see backpressure in the module doc)."""
@@ -275,8 +325,11 @@ class SamplePool:
         order = np.lexsort((self.written_ns[slots], -uses, ~exhausted, ~unusable))
         return slots[order[:count]]
 
-    def write(self, slot: int, payload: Mapping[str, np.ndarray]) -> None:
-        """Write one sample into ``slot`` (which must belong to the calling producer)."""
+    def write(self, slot: int, payload: Mapping[str, np.ndarray]) -> bool:
+        """Write one sample into ``slot`` (which must belong to the calling producer).
+
+        Returns False, writing nothing, when the trainer leased the slot since it was chosen: choose again.
+        """
         missing = set(self.fields) - set(payload)
         if missing:
             raise KeyError(f"payload is missing pool fields {sorted(missing)}; expected {sorted(self.fields)}")
@@ -290,10 +343,16 @@ class SamplePool:
         start = self.seq[slot]
         writing = start + 1 if start % 2 == 0 else start
         self.seq[slot] = writing  # odd: being written, never served
+        if self._leased(slot):
+            # The trainer took this slot after it was chosen: give it back untouched (the reader, which sets its
+            # lease before checking ``seq``, sees either the old even value or this odd one and backs off).
+            self.seq[slot] = start
+            return False
         for name, target in self.fields.items():
             target[slot] = values[name]
         self.written_ns[slot] = time.monotonic_ns()
         self.seq[slot] = writing + 1  # even and larger than before: ready
+        return True
 
     # ------------------------------------------------------------------------------------------- trainer
     def _ready(self, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -326,6 +385,7 @@ class SamplePool:
             return []
         slots, seq, uses = self._ready(allowed)
         order = self._serve_order(slots, uses)[:count]
+        self.lease[slots[order]] = time.monotonic_ns()  # held until read (or LEASE_TIMEOUT_NS)
         return [(int(slots[i]), int(seq[i])) for i in order]
 
     def acquire_matching(self, keys: np.ndarray, by: str, allowed: np.ndarray | None = None
@@ -343,6 +403,8 @@ class SamplePool:
         for key in np.asarray(keys).tolist():
             candidates = by_key.get(int(key))
             chosen.append((int(slots[i := candidates.pop()]), int(seq[i])) if candidates else None)
+        taken = [slot for slot, _ in filter(None, chosen)]
+        self.lease[taken] = time.monotonic_ns()  # held until read (or LEASE_TIMEOUT_NS)
         return chosen
 
     def peek(self, count: int) -> list[dict[str, np.ndarray]]:
@@ -352,6 +414,7 @@ class SamplePool:
             copy = {name: array[slot].copy() for name, array in self.fields.items()}
             if self.seq[slot] == seq:
                 samples.append(copy)
+            self.lease[slot] = 0
         return samples
 
     def read(self, slot: int, seq: int, out: Mapping[str, np.ndarray]) -> int | None:
@@ -360,8 +423,11 @@ class SamplePool:
         Returns how many times this write was served before (0: a fresh sample), or None, counting nothing,
         when the producer started overwriting the slot meanwhile: the copy may be torn and must be discarded.
         """
-        self.lease[slot] = 1  # producers skip leased slots: the copy below rarely overlaps a write
+        self.lease[slot] = time.monotonic_ns()  # (acquire leased it already; a direct read leases it here)
         try:
+            if self.seq[slot] != seq:  # a producer began overwriting it before it saw the lease: skip it
+                self.torn += 1
+                return None
             for name, target in out.items():
                 np.copyto(target, self.fields[name][slot])
             torn = self.seq[slot] != seq
@@ -385,7 +451,4 @@ def _release(data: shared_memory.SharedMemory, control: shared_memory.SharedMemo
         except BufferError:
             pass  # a NumPy view is still alive somewhere; the mapping goes with the process
         if unlink:
-            try:
-                segment.unlink()
-            except FileNotFoundError:
-                pass
+            _unlink_quietly(segment.name.lstrip("/"))

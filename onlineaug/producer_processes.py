@@ -184,8 +184,8 @@ def _write_rows(pool, rank: int, rows: dict, beat) -> int:
     while row < count:
         slots = pool.choose_slots_to_write(rank, count - row)
         for slot in slots:
-            pool.write(int(slot), {name: array[row] for name, array in rows.items()})
-            row += 1
+            if pool.write(int(slot), {name: array[row] for name, array in rows.items()}):
+                row += 1
         if row < count:
             beat()
             time.sleep(0.001)
@@ -213,7 +213,8 @@ def _main_script() -> str:
     """The path of the user's script, for producers that need classes defined in it; a clear error otherwise."""
     main_path = getattr(sys.modules["__main__"], "__file__", None)
     if main_path is None or not os.path.isfile(main_path):
-        where = "an interactive session" if main_path is None else f"{main_path!r}, which is not a file"
+        interactive = main_path is None or main_path.startswith("<")  # None for -c and notebooks, "<stdin>" for -
+        where = "an interactive session" if interactive else f"{main_path!r}, which is not a file"
         raise TypeError(f"the dataset or recipe is defined in {where} (e.g. `python -c`, `python - < script.py` or a "
                         f"notebook), so producer processes cannot import it; define it in a module, or run your "
                         f"script as a file (`python train.py`)")

@@ -19,7 +19,6 @@ dataset has them (torchvision datasets, ``Subset`` of those), else from one scan
 from __future__ import annotations
 
 import hashlib
-import secrets
 from multiprocessing import shared_memory
 from typing import Sequence
 
@@ -225,10 +224,10 @@ class SharedSources:
 
     @classmethod
     def create(cls, capacity: int) -> "SharedSources":
-        from onlineaug.pool import SEGMENT_PREFIX
+        from onlineaug.pool import _untracked, segment_name
 
         size = 8 * (cls._HEADER + 2 * capacity)
-        segment = shared_memory.SharedMemory(name=f"{SEGMENT_PREFIX}src_{secrets.token_hex(6)}", create=True, size=size)
+        segment = _untracked(segment_name("sources"), create=True, size=size)
         table = cls(segment, capacity, owner=True)
         table._header[:] = 0
         return table
@@ -276,7 +275,6 @@ class SharedSources:
         except BufferError:
             pass
         if self.owner:
-            try:
-                self._segment.unlink()  # also tells the resource tracker it is gone
-            except FileNotFoundError:
-                pass  # a producer removed it after the trainer was thought dead
+            from onlineaug.pool import _unlink_quietly
+
+            _unlink_quietly(self._segment.name.lstrip("/"))  # a producer may have removed it already

@@ -38,7 +38,7 @@ def wait_until(condition, timeout=90.0, interval=0.05):
     return False
 
 
-def serve_until(loader, condition, timeout=90.0):
+def serve_until(loader, condition, timeout=180.0, step_s=0.02):
     """Iterate the loader (which polls its producers, restarting dead ones) until ``condition()``; the last info."""
     deadline, info = time.monotonic() + timeout, None
     while not condition():
@@ -46,6 +46,7 @@ def serve_until(loader, condition, timeout=90.0):
         for _, _, info in loader:
             if condition():
                 break
+            time.sleep(step_s)  # a training step: the producers get the CPU too
     return info
 
 
