@@ -10,12 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from onlineaug.datasets import SyntheticShapes
 from onlineaug.models import LoadPolicy, ModelRole, ModelSpec, describe_model, ensure_available, load_model
 from onlineaug.models import preprocess
 from onlineaug.models.checkpoints import ModelNotFoundError
 from onlineaug.models.clip import DEFAULT_CLIP, ClipEmbedder, build_clip_model
+from onlineaug.models.segmenters import DatasetMasks
 
 CLIP_ROLE = ModelRole("clip", DEFAULT_CLIP)
+DATASET_ROLE = ModelRole("dataset-masks", "dataset")
 
 
 def smooth_images(n: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -151,3 +154,92 @@ def test_clip_dtype_follows_the_load_policy():
     features = embedder.embed_images(smooth_images(2, 32, 32))
     assert features.dtype == torch.float32
     torch.testing.assert_close(features.norm(dim=1), torch.ones(2))
+
+
+# ------------------------------------------------------------------------------------------- dataset masks
+
+
+def test_dataset_masks_equal_the_datasets_masks_exactly():
+    dataset = SyntheticShapes(num_classes=4, size=32, length=12, seed=1, return_mask=True)
+    indices = torch.tensor([7, 0, 11, 3])
+    images = torch.stack([dataset[i][0] for i in indices.tolist()])
+    segmenter = load_model(DATASET_ROLE, ModelSpec("dataset"), device="cpu", dataset=dataset)
+    masks, found = segmenter.segment(images, ["shape"] * 4, indices)
+    expected = torch.stack([dataset[i][2] for i in indices.tolist()])
+    assert masks.dtype == torch.bool and torch.equal(masks, expected)
+    assert found.tolist() == [True] * 4
+    assert segmenter.calls == 4
+
+
+def test_dataset_masks_follow_crops_and_resizes():
+    dataset = SyntheticShapes(num_classes=3, size=32, length=6, seed=2)  # masks via foreground_mask only
+    segmenter = DatasetMasks(dataset)
+    full = torch.stack([dataset.foreground_mask(i) for i in range(2)])
+    # a crop at its own size is an exact slice of the item's mask
+    crops = torch.tensor([[3, 5, 20, 24], [10, 0, 20, 24]])
+    masks, _ = segmenter.segment(torch.zeros(2, 3, 20, 24, dtype=torch.uint8), ["x", "y"], torch.arange(2), crops)
+    assert torch.equal(masks[0], full[0, 3:23, 5:29]) and torch.equal(masks[1], full[1, 10:30, 0:24])
+    # twice the size: nearest-neighbour repeats every pixel 2x2
+    masks, _ = segmenter.segment(torch.zeros(2, 3, 64, 64, dtype=torch.uint8), ["x", "y"], torch.arange(2))
+    assert torch.equal(masks, full.repeat_interleave(2, 1).repeat_interleave(2, 2))
+    with pytest.raises(ValueError, match="falls outside its 32x32 mask"):
+        segmenter.segment(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), ["x"], torch.arange(1),
+                          torch.tensor([[30, 0, 8, 8]]))
+
+
+class _ItemMasks(torch.utils.data.Dataset):
+    """Items carrying their masks, as a tuple or a dict, in the dtypes datasets use."""
+
+    def __init__(self, as_dict: bool):
+        self.as_dict = as_dict
+        self.masks = [torch.zeros(8, 8, dtype=torch.uint8), torch.zeros(1, 8, 8), torch.zeros(8, 8, dtype=torch.bool)]
+        self.masks[0][2:5, 1:3] = 255
+        self.masks[1][0, 4:, 4:] = 0.9
+        # item 2: an empty mask (nothing to find)
+
+    def __len__(self):
+        return len(self.masks)
+
+    def __getitem__(self, i):
+        image = torch.zeros(3, 8, 8, dtype=torch.uint8)
+        return {"image": image, "label": 0, "mask": self.masks[i]} if self.as_dict else (image, 0, self.masks[i])
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_dataset_masks_read_masks_carried_by_items(as_dict):
+    dataset = _ItemMasks(as_dict)
+    ensure_available("segmenter", DATASET_ROLE, ModelSpec("dataset"), dataset=dataset)
+    segmenter = load_model(DATASET_ROLE, ModelSpec("dataset"), device="cpu", dataset=dataset)
+    masks, found = segmenter.segment(torch.zeros(3, 3, 8, 8, dtype=torch.uint8), ["a"] * 3, torch.arange(3))
+    expected = torch.zeros(3, 8, 8, dtype=torch.bool)
+    expected[0, 2:5, 1:3] = True
+    expected[1, 4:, 4:] = True
+    assert torch.equal(masks, expected)
+    assert found.tolist() == [True, True, False]
+
+
+def test_dataset_without_masks_is_a_clear_error_before_loading():
+    plain = [(torch.zeros(3, 8, 8, dtype=torch.uint8), 0)]
+    for call in (lambda: ensure_available("segmenter", DATASET_ROLE, ModelSpec("dataset"), dataset=plain),
+                 lambda: load_model(DATASET_ROLE, ModelSpec("dataset"), device="cpu", dataset=plain)):
+        with pytest.raises(ValueError, match=r"no foreground_mask method and its item 0 is a tuple of 2 "
+                                             r"\(Tensor, int\); expected a dataset.foreground_mask\(index\)"):
+            call()
+    with pytest.raises(ValueError, match="needs the dataset"):
+        ensure_available("segmenter", DATASET_ROLE, ModelSpec("dataset"))
+    with pytest.raises(ValueError, match="its source must be 'dataset', got 'tiny'"):
+        ensure_available("segmenter", DATASET_ROLE, ModelSpec("tiny"), dataset=plain)
+    assert describe_model(DATASET_ROLE, ModelSpec("dataset")) == "the dataset's own masks (dataset-masks)"
+
+
+def test_segmenter_inputs_are_checked():
+    segmenter = DatasetMasks(SyntheticShapes(size=16, length=4))
+    images = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="got 1 texts for 2 images"):
+        segmenter.segment(images, ["a"], torch.arange(2))
+    with pytest.raises(ValueError, match=r"indices must be an int64 tensor of shape \(2,\)"):
+        segmenter.segment(images, ["a", "b"], torch.arange(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"crops must be an int64 tensor of shape \(2, 4\)"):
+        segmenter.segment(images, ["a", "b"], torch.arange(2), torch.zeros(2, 3, dtype=torch.int64))
+    masks, found = segmenter.segment(images[:0], [], torch.arange(0))
+    assert masks.shape == (0, 16, 16) and found.shape == (0,)
