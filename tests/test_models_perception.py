@@ -21,6 +21,15 @@ CLIP_ROLE = ModelRole("clip", DEFAULT_CLIP)
 DATASET_ROLE = ModelRole("dataset-masks", "dataset")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: intra-op threads cost more than they save (10x on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def smooth_images(n: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
     """Natural-looking uint8 images: coarse random colours upsampled (processors clip per resize pass on
     pure noise, which no photo looks like)."""
@@ -243,3 +252,79 @@ def test_segmenter_inputs_are_checked():
         segmenter.segment(images, ["a", "b"], torch.arange(2), torch.zeros(2, 3, dtype=torch.int64))
     masks, found = segmenter.segment(images[:0], [], torch.arange(0))
     assert masks.shape == (0, 16, 16) and found.shape == (0,)
+
+
+# ------------------------------------------------------------------------------------------------ CLIPSeg
+
+CLIPSEG_ROLE = ModelRole("clipseg", "CIDAS/clipseg-rd64-refined")
+
+
+@pytest.fixture(scope="module")
+def tiny_clipseg():
+    return load_model(CLIPSEG_ROLE, ModelSpec("tiny"), device="cpu")
+
+
+def test_clipseg_preprocess_matches_its_processor(tiny_clipseg):
+    from transformers import ViTImageProcessor  # what CIDAS/clipseg-rd64-refined's processor config names
+
+    images = smooth_images(2, 41, 29, seed=4)  # resized to the square input, aspect ratio not kept
+    processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=list(preprocess.IMAGENET_MEAN),
+                                  image_std=list(preprocess.IMAGENET_STD))
+    expected = processor(images=list(images), return_tensors="pt")["pixel_values"]
+    got = tiny_clipseg.preprocess(images)
+    assert got.shape == expected.shape == (2, 3, 32, 32)
+    assert (got - expected).abs().max() <= 1.0 / 255 / min(preprocess.IMAGENET_STD) + 1e-5
+
+
+def test_clipseg_masks_threshold_the_models_upsampled_probabilities(tiny_clipseg):
+    images = smooth_images(3, 40, 48, seed=5)
+    texts = ["circle", "a striped square", "bird"]
+    probs = tiny_clipseg.probabilities(images, texts)
+    tokens = tiny_clipseg.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = tiny_clipseg.model(**tokens, pixel_values=tiny_clipseg.preprocess(images)).logits
+    expected = F.interpolate(torch.sigmoid(logits)[:, None], size=(40, 48), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-5)
+    masks, found = tiny_clipseg.segment(images, texts, torch.arange(3))
+    assert torch.equal(masks, probs > 0.4)
+    assert 0.0 < masks.float().mean() < 1.0  # random weights still give a mixed map: the threshold matters
+    assert torch.equal(found, masks.flatten(1).any(1))
+    # each image is segmented with its own prompt: a batch equals the images one by one
+    alone = torch.cat([tiny_clipseg.probabilities(images[i:i + 1], texts[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(probs, alone, atol=1e-4, rtol=0)  # padding to the longest prompt: float noise
+    other = tiny_clipseg.probabilities(images[:1], ["a completely different prompt"])
+    assert not torch.allclose(other, probs[:1], atol=1e-3)
+
+
+def test_clipseg_threshold_option_bounds_what_is_found():
+    images = smooth_images(2, 32, 32, seed=6)
+    everything = load_model(ModelRole("clipseg", "x", options={"threshold": 0.0}), ModelSpec("tiny"), device="cpu")
+    nothing = load_model(ModelRole("clipseg", "x", options={"threshold": 1.0}), ModelSpec("tiny"), device="cpu")
+    masks, found = everything.segment(images, ["a", "b"], torch.arange(2))
+    assert masks.all() and found.all()
+    masks, found = nothing.segment(images, ["a", "b"], torch.arange(2))
+    assert not masks.any() and not found.any()
+    with pytest.raises(ValueError, match=r"threshold must be a number in \[0, 1\], got 1.5"):
+        ensure_available("segmenter", ModelRole("clipseg", "x", options={"threshold": 1.5}), ModelSpec("tiny"))
+    with pytest.raises(ValueError, match=r"no options \['box_threshold'\]; valid options: \['batch_size', 'threshold'\]"):
+        ensure_available("segmenter", ModelRole("clipseg", "x", options={"box_threshold": 0.3}), ModelSpec("tiny"))
+
+
+def test_clipseg_loads_a_saved_folder_and_says_how_to_get_missing_weights(tmp_path, monkeypatch, tiny_clipseg):
+    from transformers import ViTImageProcessor
+
+    folder = tmp_path / "clipseg"
+    tiny_clipseg.model.save_pretrained(folder)
+    tiny_clipseg.tokenizer.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=list(preprocess.IMAGENET_MEAN),
+                      image_std=list(preprocess.IMAGENET_STD)).save_pretrained(folder)
+    loaded = load_model(CLIPSEG_ROLE, ModelSpec(str(folder)), device="cpu")
+    assert loaded.input_size == (32, 32) and loaded.threshold == 0.4
+    images = smooth_images(2, 30, 36, seed=7)
+    torch.testing.assert_close(loaded.probabilities(images, ["a", "b"]), tiny_clipseg.probabilities(images, ["a", "b"]))
+    assert describe_model(CLIPSEG_ROLE, ModelSpec(str(folder))) == f"CLIPSeg segmenter from local folder {folder}"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("ONLINEAUG_ALLOW_DOWNLOAD", raising=False)
+    with pytest.raises(ModelNotFoundError, match=r"CLIPSeg segmenter weights not found(.|\n)*huggingface-cli download "
+                                                 r"CIDAS/clipseg-rd64-refined(.|\n)*HF_HOME"):
+        ensure_available("segmenter", CLIPSEG_ROLE, ModelSpec("CIDAS/clipseg-rd64-refined"))

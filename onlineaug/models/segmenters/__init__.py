@@ -2,7 +2,8 @@
 
 Kinds (``ModelRole.kind``), each returning a :class:`~onlineaug.models.segmenters.base.Segmenter`:
 
-- ``"dataset-masks"`` (source ``"dataset"``): the masks the dataset provides (:mod:`.dataset_masks`).
+- ``"dataset-masks"`` (source ``"dataset"``): the masks the dataset provides (:mod:`.dataset_masks`);
+- ``"clipseg"``: CLIPSeg with a text prompt per image (:mod:`.clipseg`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ def load_segmenter(role: ModelRole, spec: ModelSpec, *, device: torch.device | s
     if role.kind == "dataset-masks":
         _check_dataset_source(role, spec, role_name)
         return DatasetMasks(dataset, device=device)
+    if role.kind == "clipseg":
+        from onlineaug.models.segmenters.clipseg import load_clipseg
+
+        return load_clipseg(role, spec, device=device, policy=policy, seed=seed)
     raise NotImplementedError(f"segmenter kind {role.kind!r} is not available yet")
 
 
@@ -39,6 +44,11 @@ def ensure_segmenter_available(role_name: str, role: ModelRole, spec: ModelSpec,
         _check_dataset_source(role, spec, role_name)
         mask_reader(dataset)
         return
+    if role.kind == "clipseg":
+        from onlineaug.models.segmenters.clipseg import ensure_clipseg_available
+
+        ensure_clipseg_available(role, spec)
+        return
     raise NotImplementedError(f"segmenter kind {role.kind!r} (role {role_name!r}) is not available yet")
 
 
@@ -46,4 +56,8 @@ def describe_segmenter(role: ModelRole, spec: ModelSpec) -> str:
     """One line for logs (never loads weights)."""
     if role.kind == "dataset-masks":
         return "the dataset's own masks (dataset-masks)"
+    if role.kind == "clipseg":
+        from onlineaug.models.segmenters.clipseg import describe_clipseg
+
+        return describe_clipseg(spec)
     return f"{role.kind} segmenter from {spec.source}"
