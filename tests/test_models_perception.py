@@ -328,3 +328,125 @@ def test_clipseg_loads_a_saved_folder_and_says_how_to_get_missing_weights(tmp_pa
     with pytest.raises(ModelNotFoundError, match=r"CLIPSeg segmenter weights not found(.|\n)*huggingface-cli download "
                                                  r"CIDAS/clipseg-rd64-refined(.|\n)*HF_HOME"):
         ensure_available("segmenter", CLIPSEG_ROLE, ModelSpec("CIDAS/clipseg-rd64-refined"))
+
+
+# ----------------------------------------------------------------------------------------------- Lang-SAM
+
+LANG_SAM_ROLE = ModelRole("lang-sam", "IDEA-Research/grounding-dino-tiny+facebook/sam-vit-base")
+
+
+@pytest.fixture(scope="module")
+def tiny_lang_sam():
+    return load_model(LANG_SAM_ROLE, ModelSpec("tiny"), device="cpu")
+
+
+def test_lang_sam_preprocessing_matches_the_processors(tiny_lang_sam):
+    from transformers import SamImageProcessor, SamProcessor
+
+    images = smooth_images(2, 40, 54, seed=8)
+    ours = tiny_lang_sam.detector_inputs(images, ["Bird", "a cat."])
+    theirs = tiny_lang_sam.processor(images=list(images), text=["bird.", "a cat."], padding=True, return_tensors="pt")
+    assert ours["pixel_values"].shape == theirs["pixel_values"].shape == (2, 3, 128, 172)
+    assert (ours["pixel_values"] - theirs["pixel_values"]).abs().max() <= 1.0 / 255 / min(preprocess.IMAGENET_STD) + 1e-5
+    for key in ("input_ids", "attention_mask", "token_type_ids", "pixel_mask"):
+        assert torch.equal(ours[key], theirs[key]), key
+    sam_processor = SamProcessor(image_processor=SamImageProcessor(size={"longest_edge": 24},
+                                                                   pad_size={"height": 24, "width": 24}))
+    boxes = torch.tensor([[[3.0, 4.0, 30.0, 20.0], [10.0, 10.0, 50.0, 39.0]]] * 2)
+    theirs = sam_processor(images=list(images), input_boxes=boxes.tolist(), return_tensors="pt")
+    ours = tiny_lang_sam.sam_inputs(images, boxes)
+    assert ours["resized_size"] == tuple(theirs["reshaped_input_sizes"][0].tolist()) == (18, 24)
+    assert (ours["pixel_values"] - theirs["pixel_values"]).abs().max() <= 1.0 / 255 / min(preprocess.IMAGENET_STD) + 1e-5
+    torch.testing.assert_close(ours["input_boxes"], theirs["input_boxes"].float())
+
+
+def test_lang_sam_masks_are_the_union_of_sam_run_per_box(tiny_lang_sam):
+    from transformers import SamImageProcessor
+
+    images, texts = smooth_images(3, 40, 54, seed=9), ["bird", "cat", "dog"]
+    detections = tiny_lang_sam.detect(images, texts)
+    masks, found = tiny_lang_sam.segment(images, texts, torch.arange(3))
+    assert found.tolist() == [len(d["boxes"]) > 0 for d in detections] == [True] * 3
+    post = SamImageProcessor(size={"longest_edge": 24}, pad_size={"height": 24, "width": 24})
+    nontrivial = 0
+    for row, detection in enumerate(detections):
+        assert len(detection["boxes"]) >= 2 and (detection["scores"] > 0.3).all()
+        assert torch.equal(detection["scores"], detection["scores"].sort(descending=True).values)
+        union = torch.zeros(40, 54, dtype=torch.bool)
+        for box in detection["boxes"]:  # SAM once per box, through transformers' own post-processing
+            inputs = tiny_lang_sam.sam_inputs(images[row:row + 1], box.view(1, 1, 4))
+            with torch.no_grad():
+                low_res = tiny_lang_sam.sam(pixel_values=inputs["pixel_values"], input_boxes=inputs["input_boxes"],
+                                            multimask_output=False).pred_masks
+            mask = post.post_process_masks(low_res, [(40, 54)], [inputs["resized_size"]])[0][0, 0]
+            nontrivial += bool(mask.any()) and not torch.equal(mask, union | mask)
+            union |= mask
+        assert torch.equal(masks[row], union)
+    assert nontrivial > 0  # some box added pixels to what earlier boxes covered: the union is not one mask
+
+
+def test_lang_sam_box_threshold_above_every_score_finds_nothing(tiny_lang_sam):
+    images = smooth_images(2, 40, 40, seed=10)
+    strict = load_model(ModelRole("lang-sam", "x", options={"box_threshold": 1.0}), ModelSpec("tiny"), device="cpu")
+    masks, found = strict.segment(images, ["bird", "bird"], torch.arange(2))
+    assert not found.any() and not masks.any() and masks.shape == (2, 40, 40)
+    capped = load_model(ModelRole("lang-sam", "x", options={"max_boxes": 1}), ModelSpec("tiny"), device="cpu")
+    full, top = tiny_lang_sam.detect(images, ["bird"] * 2), capped.detect(images, ["bird"] * 2)
+    for a, b in zip(full, top):
+        assert len(b["boxes"]) == 1 and torch.equal(b["boxes"][0], a["boxes"][0])
+        assert (a["boxes"][:, 0::2] <= 40).all() and (a["boxes"] >= 0).all()
+    with pytest.raises(ValueError, match=r"max_boxes must be a positive int or None, got 0"):
+        ensure_available("segmenter", ModelRole("lang-sam", "x", options={"max_boxes": 0}), ModelSpec("tiny"))
+
+
+def test_lang_sam_loads_saved_folders(tmp_path, tiny_lang_sam):
+    from transformers import SamImageProcessor, SamProcessor
+
+    detector, sam = tmp_path / "grounding-dino", tmp_path / "sam"
+    tiny_lang_sam.detector.save_pretrained(detector)
+    tiny_lang_sam.processor.save_pretrained(detector)
+    tiny_lang_sam.sam.save_pretrained(sam)
+    SamProcessor(image_processor=SamImageProcessor(size={"longest_edge": 24}, pad_size={"height": 24, "width": 24})
+                 ).save_pretrained(sam)
+    images, texts = smooth_images(2, 40, 54, seed=11), ["bird", "cat"]
+    expected = tiny_lang_sam.segment(images, texts, torch.arange(2))
+    for role, source in ((LANG_SAM_ROLE, f"{detector}+{sam}"),
+                         (ModelRole("lang-sam", "x", options={"sam": str(sam)}), str(detector))):
+        ensure_available("segmenter", role, ModelSpec(source))
+        loaded = load_model(role, ModelSpec(source), device="cpu")
+        assert loaded.sam_images.pad == (24, 24) and loaded.detector_images.size["shortest_edge"] == 128
+        got = loaded.segment(images, texts, torch.arange(2))
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    line = describe_model(LANG_SAM_ROLE, ModelSpec(f"{detector}+{sam}"))
+    assert line == f"Lang-SAM: GroundingDINO from local folder {detector} + SAM from local folder {sam}"
+
+
+def test_lang_sam_missing_weights_say_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("ONLINEAUG_ALLOW_DOWNLOAD", raising=False)
+    with pytest.raises(ModelNotFoundError, match=r"GroundingDINO detector \(lang-sam\) weights not found(.|\n)*"
+                                                 r"huggingface-cli download IDEA-Research/grounding-dino-tiny"):
+        ensure_available("segmenter", LANG_SAM_ROLE, ModelSpec(LANG_SAM_ROLE.default))
+    detector = tmp_path / "detector"
+    from onlineaug.models.segmenters.lang_sam import build_detector, build_detector_processor
+    build_detector("tiny").save_pretrained(detector)
+    build_detector_processor("tiny").save_pretrained(detector)
+    with pytest.raises(ModelNotFoundError, match=r"SAM \(lang-sam\) weights not found(.|\n)*huggingface-cli download "
+                                                 r"facebook/sam-vit-base(.|\n)*HF_HOME"):
+        ensure_available("segmenter", LANG_SAM_ROLE, ModelSpec(str(detector)))
+    with pytest.raises(ValueError, match=r"'<GroundingDINO>\+<SAM>'"):
+        ensure_available("segmenter", LANG_SAM_ROLE, ModelSpec("a+b+c"))
+
+
+def test_perception_random_architectures_have_the_real_sizes():
+    from onlineaug.models.segmenters.clipseg import build_clipseg_model
+    from onlineaug.models.segmenters.lang_sam import build_detector, build_sam, grounding_prompt
+
+    def count(model):
+        return sum(p.numel() for p in model.parameters()) / 1e6
+
+    assert 170 < count(build_detector("full-random", device="meta")) < 175  # GroundingDINO-T: 172M
+    assert 93 < count(build_sam("full-random", device="meta")) < 95  # SAM ViT-B: 94M
+    assert 149 < count(build_clipseg_model("full-random", device="meta")) < 152  # CLIPSeg rd64: 151M
+    assert grounding_prompt("  Bird ") == "bird." and grounding_prompt("a car.") == "a car."
+    assert describe_model(LANG_SAM_ROLE, ModelSpec("tiny")) == "tiny random-weight Lang-SAM segmenter (in-process)"

@@ -3,7 +3,8 @@
 Kinds (``ModelRole.kind``), each returning a :class:`~onlineaug.models.segmenters.base.Segmenter`:
 
 - ``"dataset-masks"`` (source ``"dataset"``): the masks the dataset provides (:mod:`.dataset_masks`);
-- ``"clipseg"``: CLIPSeg with a text prompt per image (:mod:`.clipseg`).
+- ``"clipseg"``: CLIPSeg with a text prompt per image (:mod:`.clipseg`);
+- ``"lang-sam"``: GroundingDINO boxes prompting SAM, the union of the masks (:mod:`.lang_sam`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ def load_segmenter(role: ModelRole, spec: ModelSpec, *, device: torch.device | s
         from onlineaug.models.segmenters.clipseg import load_clipseg
 
         return load_clipseg(role, spec, device=device, policy=policy, seed=seed)
+    if role.kind == "lang-sam":
+        from onlineaug.models.segmenters.lang_sam import load_lang_sam
+
+        return load_lang_sam(role, spec, device=device, policy=policy, seed=seed)
     raise NotImplementedError(f"segmenter kind {role.kind!r} is not available yet")
 
 
@@ -49,6 +54,11 @@ def ensure_segmenter_available(role_name: str, role: ModelRole, spec: ModelSpec,
 
         ensure_clipseg_available(role, spec)
         return
+    if role.kind == "lang-sam":
+        from onlineaug.models.segmenters.lang_sam import ensure_lang_sam_available
+
+        ensure_lang_sam_available(role, spec)
+        return
     raise NotImplementedError(f"segmenter kind {role.kind!r} (role {role_name!r}) is not available yet")
 
 
@@ -60,4 +70,8 @@ def describe_segmenter(role: ModelRole, spec: ModelSpec) -> str:
         from onlineaug.models.segmenters.clipseg import describe_clipseg
 
         return describe_clipseg(spec)
+    if role.kind == "lang-sam":
+        from onlineaug.models.segmenters.lang_sam import describe_lang_sam
+
+        return describe_lang_sam(role, spec)
     return f"{role.kind} segmenter from {spec.source}"
