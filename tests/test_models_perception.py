@@ -38,6 +38,11 @@ def smooth_images(n: int, height: int, width: int, seed: int = 0) -> torch.Tenso
     return F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False).round().to(torch.uint8)
 
 
+def one_grey_level(std) -> float:
+    """The processors round to uint8 after resizing: ours may differ by one grey level, in normalised units."""
+    return 1.0 / 255 / min(std) + 1e-5
+
+
 @pytest.fixture(scope="module")
 def tiny_clip() -> ClipEmbedder:
     return load_model(CLIP_ROLE, ModelSpec("tiny"), device="cpu")
@@ -54,8 +59,7 @@ def test_clip_preprocess_matches_clip_image_processor(tiny_clip):
     expected = processor(images=list(images), return_tensors="pt")["pixel_values"]
     got = tiny_clip.preprocess(images)
     assert got.shape == expected.shape == (3, 3, 32, 32)
-    # the processor rounds to uint8 after resizing: at most one grey level apart, in normalised units
-    assert (got - expected).abs().max() <= 1.0 / 255 / min(preprocess.OPENAI_CLIP_STD) + 1e-5
+    assert (got - expected).abs().max() <= one_grey_level(preprocess.OPENAI_CLIP_STD)
 
 
 def test_clip_embeddings_are_the_models_normalised_features(tiny_clip):
@@ -143,6 +147,8 @@ def test_clip_missing_weights_say_how_to_get_them(tmp_path, monkeypatch):
         load_model(CLIP_ROLE, ModelSpec(str(tmp_path / "nowhere")), device="cpu")
     with pytest.raises(ValueError, match="'tiny' or 'full-random'"):
         ensure_available("filter", CLIP_ROLE, ModelSpec("tiny-sdxl"))
+    with pytest.raises(ValueError, match="LoRA and textual inversion apply to the diffusion pipelines only"):
+        ensure_available("filter", CLIP_ROLE, ModelSpec("tiny", lora=str(tmp_path / "lora.safetensors")))
 
 
 def test_clip_random_weights_are_reproducible_and_full_random_is_vit_b32():
@@ -273,7 +279,7 @@ def test_clipseg_preprocess_matches_its_processor(tiny_clipseg):
     expected = processor(images=list(images), return_tensors="pt")["pixel_values"]
     got = tiny_clipseg.preprocess(images)
     assert got.shape == expected.shape == (2, 3, 32, 32)
-    assert (got - expected).abs().max() <= 1.0 / 255 / min(preprocess.IMAGENET_STD) + 1e-5
+    assert (got - expected).abs().max() <= one_grey_level(preprocess.IMAGENET_STD)
 
 
 def test_clipseg_masks_threshold_the_models_upsampled_probabilities(tiny_clipseg):
@@ -347,7 +353,7 @@ def test_lang_sam_preprocessing_matches_the_processors(tiny_lang_sam):
     ours = tiny_lang_sam.detector_inputs(images, ["Bird", "a cat."])
     theirs = tiny_lang_sam.processor(images=list(images), text=["bird.", "a cat."], padding=True, return_tensors="pt")
     assert ours["pixel_values"].shape == theirs["pixel_values"].shape == (2, 3, 128, 172)
-    assert (ours["pixel_values"] - theirs["pixel_values"]).abs().max() <= 1.0 / 255 / min(preprocess.IMAGENET_STD) + 1e-5
+    assert (ours["pixel_values"] - theirs["pixel_values"]).abs().max() <= one_grey_level(preprocess.IMAGENET_STD)
     for key in ("input_ids", "attention_mask", "token_type_ids", "pixel_mask"):
         assert torch.equal(ours[key], theirs[key]), key
     sam_processor = SamProcessor(image_processor=SamImageProcessor(size={"longest_edge": 24},
@@ -356,7 +362,7 @@ def test_lang_sam_preprocessing_matches_the_processors(tiny_lang_sam):
     theirs = sam_processor(images=list(images), input_boxes=boxes.tolist(), return_tensors="pt")
     ours = tiny_lang_sam.sam_inputs(images, boxes)
     assert ours["resized_size"] == tuple(theirs["reshaped_input_sizes"][0].tolist()) == (18, 24)
-    assert (ours["pixel_values"] - theirs["pixel_values"]).abs().max() <= 1.0 / 255 / min(preprocess.IMAGENET_STD) + 1e-5
+    assert (ours["pixel_values"] - theirs["pixel_values"]).abs().max() <= one_grey_level(preprocess.IMAGENET_STD)
     torch.testing.assert_close(ours["input_boxes"], theirs["input_boxes"].float())
 
 
@@ -399,6 +405,7 @@ def test_lang_sam_box_threshold_above_every_score_finds_nothing(tiny_lang_sam):
         ensure_available("segmenter", ModelRole("lang-sam", "x", options={"max_boxes": 0}), ModelSpec("tiny"))
 
 
+@pytest.mark.slow  # saves and loads two models twice: ~3 s alone, more on a busy machine
 def test_lang_sam_loads_saved_folders(tmp_path, tiny_lang_sam):
     from transformers import SamImageProcessor, SamProcessor
 

@@ -67,7 +67,7 @@ TINY_DETECTOR_CONFIG = {
     "decoder_attention_heads": 4, "encoder_ffn_dim": 8, "decoder_ffn_dim": 8, "num_queries": 6,
     "num_feature_levels": 4, "encoder_n_points": 2, "decoder_n_points": 6, "max_text_len": 32,
 }
-TINY_DETECTOR_SIZE = {"shortest_edge": 128, "longest_edge": 224}
+TINY_DETECTOR_SIZE = {"shortest_edge": 128, "longest_edge": 512}  # >= 98 px up to a 4:1 aspect ratio
 TINY_SAM_CONFIG = {
     "vision_config": {"image_size": 24, "patch_size": 2, "hidden_size": 36, "output_channels": 32,
                       "num_hidden_layers": 2, "num_attention_heads": 4, "num_pos_feats": 16},
