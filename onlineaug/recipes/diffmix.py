@@ -38,6 +38,7 @@ replaced with probability ``p_aug`` (the paper's ``p``: 0.1 all-shot, Sec. 4.1) 
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -90,8 +91,10 @@ def class_token(pipe: Any, class_name: str) -> str:
     return tokens[class_name]
 
 
-def _is_compiled(pipe: Any) -> bool:
-    return hasattr(getattr(pipe, "unet", None), "_orig_mod")  # torch.compile's OptimizedModule
+def is_compiled(pipe: Any) -> bool:
+    """Whether the pipeline's UNet is wrapped by ``torch.compile`` (an ``OptimizedModule``)."""
+    dynamo = sys.modules.get("torch._dynamo")  # not imported: nothing was compiled (and no import cost here)
+    return dynamo is not None and isinstance(getattr(pipe, "unet", None), dynamo.eval_frame.OptimizedModule)
 
 
 def strength_calls(strengths: torch.Tensor, *, pad: bool) -> list[tuple[float, torch.Tensor, int]]:
@@ -122,18 +125,22 @@ def row_generators(count: int, generator: torch.Generator) -> list[torch.Generat
 
 
 def edit_by_strength(pipe: Any, images: torch.Tensor, prompts: Sequence[str], strengths: torch.Tensor,
-                     generators: Sequence[torch.Generator], **call) -> torch.Tensor:
+                     generators: Sequence[torch.Generator], *, pad: bool | None = None, **call) -> torch.Tensor:
     """SDEdit every row at its own strength: float (n, 3, G, G) in [0, 1].
 
     ``images``: uint8 (n, 3, G, G) references; ``call``: the img2img pipeline's other arguments
-    (``num_inference_steps``, ``guidance_scale``). One call per distinct strength (:func:`strength_calls`).
+    (``num_inference_steps``, ``guidance_scale``). One call per distinct strength (:func:`strength_calls`),
+    padded to a batch bucket when ``pad`` (default: when the UNet is compiled); padded rows repeat the group's
+    last row with generators of their own (a shared one would shift the real row's noise) and are dropped.
     """
+    pad = is_compiled(pipe) if pad is None else pad
     out: torch.Tensor | None = None
-    for strength, rows, size in strength_calls(strengths, pad=_is_compiled(pipe)):
-        picked = rows.tolist() + [int(rows[-1])] * (size - len(rows))  # padding repeats the last row
+    for strength, rows, size in strength_calls(strengths, pad=pad):
+        picked = rows.tolist() + [int(rows[-1])] * (size - len(rows))
+        noise = [generators[i] for i in rows.tolist()]
+        noise += [torch.Generator(device=noise[0].device).manual_seed(k) for k in range(size - len(rows))]
         edited = pipe(prompt=[prompts[i] for i in picked], image=images[picked].float().div(255),
-                      strength=strength, generator=[generators[i] for i in picked], output_type="pt",
-                      **call).images
+                      strength=strength, generator=noise, output_type="pt", **call).images
         if out is None:
             out = edited.new_zeros((len(prompts), *edited.shape[1:]))
         out[rows.to(out.device)] = edited[:len(rows)].to(out.dtype)
