@@ -361,3 +361,26 @@ def test_served_soft_labels_match_the_pooled_source_target_and_strength(device):
                     torch.testing.assert_close(targets[row].cpu(), torch.tensor(expected), atol=1e-6, rtol=0)
         stats = loader.stats()
     assert seen >= 4 and seen == stats["generated"]
+
+
+@pytest.mark.slow
+def test_the_demo_previews_source_edit_classes_and_strength(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from onlineaug.__main__ import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--recipe", "diffmix", "--steps", "2", "--batch-size", "8", "--image-size", "32",
+                 "--length", "32", "--warmup", "2", "--pool-size", "8", "--num-workers", "0", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert "online diffmix steps/s" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["recipe"]["name"] == "diffmix" and metrics["recipe"]["strengths"] == [0.5, 0.7, 0.9]
+    samples = metrics["preview_samples"]
+    assert samples >= 1
+    preview = Image.open(out / "preview.png").convert("RGB")
+    assert preview.size == (90 + 128 * samples, 128 * 2 + 28)  # rows source, edit; a caption line per column
+    caption = np.asarray(preview)[256:, 90:90 + 128]
+    assert (caption < 128).any()  # the caption (source -> target, s) is written under the first column
