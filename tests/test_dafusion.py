@@ -10,7 +10,7 @@ from onlineaug.datasets import SyntheticShapes
 from onlineaug.images import resize_uint8
 from onlineaug.models import LoadPolicy, ModelSpec, load_model
 from onlineaug.producer import standalone_context
-from onlineaug.recipes import Batch, BatchContext, Jobs, SourceBatch, get_recipe
+from onlineaug.recipes import Batch, BatchContext, SourceBatch, get_recipe
 from onlineaug.sources import SourceSet
 
 NAMES = ["circle", "square", "triangle", "star"]

@@ -297,7 +297,8 @@ def test_model_roles_follow_the_paper_and_carry_the_fine_tuned_files(tmp_path):
 @pytest.mark.parametrize("name, options, error, message", [
     ("diffmix", dict(strengths=[]), ValueError, r"strengths=\[\] is invalid: expected a list of at least 1 item"),
     ("diffmix", dict(strengths=0.5), TypeError, "strengths=0.5 is invalid: expected a list"),
-    ("diffmix", dict(strengths=[0.5, 0]), ValueError, r"strengths\[1\]=0 is invalid: expected a number in \(0.0, 1.0\]"),
+    ("diffmix", dict(strengths=[0.5, 0]), ValueError,
+     r"strengths\[1\]=0 is invalid: expected a number in \(0.0, 1.0\]"),
     ("diffaug", dict(strengths=[1.5]), ValueError, r"strengths\[0\]=1.5 is invalid: expected a number in \(0.0, 1.0\]"),
     ("diffmix", dict(strengths=["0.5"]), TypeError, r"strengths\[0\]='0.5' is invalid: expected a number"),
     ("diffmix", dict(strengths=[0.5, 0.5]), ValueError, r"strengths=\[0.5, 0.5\] is invalid: expected distinct values"),
@@ -310,7 +311,8 @@ def test_model_roles_follow_the_paper_and_carry_the_fine_tuned_files(tmp_path):
      r"strength s \(strength 0.5 would run 0 denoising steps\): use num_inference_steps >= 2"),
     ("diffmix", dict(guidance_scale=float("inf")), ValueError, "guidance_scale=inf is invalid: expected a finite"),
     ("diffgen", dict(generation_size=100), ValueError, "generation_size=100 is invalid: expected a positive multiple"),
-    ("diffaug", dict(match="image"), ValueError, r"match='image' is invalid: expected one of \[None, 'class', 'index'\]"),
+    ("diffaug", dict(match="image"), ValueError,
+     r"match='image' is invalid: expected one of \[None, 'class', 'index'\]"),
     ("diffmix", dict(textual_inversion=3), TypeError, "textual_inversion=3 is invalid: expected a non-empty string"),
     ("diffaug", dict(lora=""), TypeError, "lora='' is invalid: expected a non-empty string"),
 ])

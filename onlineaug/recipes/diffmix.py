@@ -37,7 +37,7 @@ replaced with probability ``p_aug`` (the paper's ``p``: 0.1 all-shot, Sec. 4.1) 
 
 from __future__ import annotations
 
-import math
+import itertools
 import sys
 from typing import Any, Mapping, Sequence
 
@@ -151,15 +151,15 @@ def check_steps_cover_strengths(check: Checks, steps: int, strengths: Sequence[f
     """img2img runs ``int(steps * s)`` denoising steps: at least one for every strength."""
     weakest = min(strengths)
     if min(int(steps * weakest), steps) < 1:
-        needed = math.ceil(1 / weakest - 1e-9)
+        needed = next(k for k in itertools.count(steps + 1) if int(k * weakest) >= 1)  # as diffusers rounds
         check._fail(ValueError, "num_inference_steps", steps,
                     f"an int with int(num_inference_steps * s) >= 1 for every strength s (strength {weakest} would "
                     f"run 0 denoising steps): use num_inference_steps >= {needed}")
 
 
-def checked_strengths(check: Checks, strengths, *, low_open: bool = True) -> tuple[float, ...]:
-    values = check.sequence("strengths", strengths,
-                            lambda n, v: check.real(n, v, low=0.0, high=1.0, low_open=low_open))
+def checked_strengths(check: Checks, strengths) -> tuple[float, ...]:
+    """A non-empty list of distinct strengths in (0, 1]."""
+    values = check.sequence("strengths", strengths, lambda n, v: check.real(n, v, low=0.0, high=1.0, low_open=True))
     if len(set(values)) != len(values):
         check._fail(ValueError, "strengths", strengths, "distinct values (each strength is drawn uniformly; list it "
                                                         "once)")
