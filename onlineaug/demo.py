@@ -4,7 +4,8 @@ Trains a small CNN on :class:`~onlineaug.datasets.SyntheticShapes` for a fixed n
 plain ``DataLoader`` (vanilla) and with :class:`~onlineaug.OnlineGenAugLoader` (GenMix on the tiny generator by
 default). Prints steps/s, the augmentation overhead A_O = (T_aug - T_van) / T_van (GuidedMixup's definition,
 used by the DiffuseMix/DiffCoRe-Mix papers), the generated share, misses and pool stats; writes
-``preview.png`` (original, generated, mask, hybrid, fractal, final: DiffuseMix Figure 4) and ``metrics.json``.
+``preview.png`` (original, generated, mask, hybrid, fractal, final: DiffuseMix Figure 4; for recipes that pool
+only an edit, such as Diff-Mix: source, edit, source -> target class and strength) and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -96,13 +97,63 @@ def _tile(image: torch.Tensor, size: int) -> np.ndarray:
     return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
-def write_preview(loader: OnlineGenAugLoader, path: Path, *, count: int = 4, tile: int = 128) -> int:
-    """DiffuseMix Figure 4 from pooled samples: rows original, generated, mask, hybrid, fractal, final."""
+def _write_canvas(rows: dict[str, list[np.ndarray]], path: Path, tile: int, captions: list[str] = ()) -> None:
+    """Named rows of tiles, with a caption under each column (if any)."""
     from PIL import Image, ImageDraw
 
+    label_width, caption_height = 90, 28 if captions else 0
+    columns = max(len(tiles) for tiles in rows.values())
+    canvas = Image.new("RGB", (label_width + tile * columns, tile * len(rows) + caption_height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (name, tiles) in enumerate(rows.items()):
+        draw.text((6, r * tile + tile // 2 - 6), name, fill="black")
+        for c, array in enumerate(tiles):
+            canvas.paste(Image.fromarray(array), (label_width + c * tile, r * tile))
+    for c, caption in enumerate(captions):
+        draw.multiline_text((label_width + c * tile + 4, tile * len(rows) + 2), caption, fill="black", spacing=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def write_edit_preview(loader: OnlineGenAugLoader, samples: list[dict], path: Path, *, tile: int = 128) -> int:
+    """Recipes whose payload is an edited ``image`` of the dataset item ``index`` (Diff-Mix, DA-Fusion): rows
+    source (read from the dataset; blank for text-to-image) and edit, captioned with the source/target class and
+    the strength where the payload has them."""
+    from onlineaug.images import load_image, resize_uint8
+
+    size = loader.image_size
+
+    def name(label: int) -> str:
+        return loader.class_names[label] if loader.class_names else str(label)
+
+    rows, captions = {"source": [], "edit": []}, []
+    for sample in samples:
+        index = int(sample["index"])
+        source = torch.ones(3, size, size)
+        if index >= 0:
+            image, _ = load_image(loader.dataset, index, loader.num_classes)
+            source = resize_uint8(image, size).float() / 255
+        rows["source"].append(_tile(source, tile))
+        rows["edit"].append(_tile(torch.from_numpy(sample["image"]).float() / 255, tile))
+        if "source_label" in sample and "target_label" in sample:
+            caption = f"{name(int(sample['source_label']))} -> {name(int(sample['target_label']))}"
+        else:
+            caption = name(int(sample["label"]))
+        if "strength" in sample:
+            caption += f"\ns = {float(sample['strength']):.2f}"
+        captions.append(caption)
+    _write_canvas(rows, path, tile, captions)
+    return len(samples)
+
+
+def write_preview(loader: OnlineGenAugLoader, path: Path, *, count: int = 4, tile: int = 128) -> int:
+    """DiffuseMix Figure 4 from pooled samples: rows original, generated, mask, hybrid, fractal, final (for
+    recipes that pool only an edit, :func:`write_edit_preview`)."""
     samples = loader.pool.peek(count) if loader.pool is not None else []
     if not samples:
         return 0
+    if "original" not in samples[0]:
+        return write_edit_preview(loader, samples, path, tile=tile)
     recipe, ctx, size = loader.recipe, loader.context, loader.image_size
     generator = torch_generator(loader.seed, "preview")
     fractal_index = torch.randint(ctx.fractals.shape[0], (len(samples),), generator=generator)
@@ -118,15 +169,7 @@ def write_preview(loader: OnlineGenAugLoader, path: Path, *, count: int = 4, til
         final = ops.concat_blend(original[None], generated[None], mask, fractal[None], recipe.lam)[0]
         for name, image in zip(rows, (original, generated, mask, hybrid, fractal, final)):
             rows[name].append(_tile(image, tile))
-    label_width = 90
-    canvas = Image.new("RGB", (label_width + tile * len(samples), tile * len(rows)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, (name, tiles) in enumerate(rows.items()):
-        draw.text((6, r * tile + tile // 2 - 6), name, fill="black")
-        for c, array in enumerate(tiles):
-            canvas.paste(Image.fromarray(array), (label_width + c * tile, r * tile))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    _write_canvas(rows, path, tile)
     return len(samples)
 
 
