@@ -28,7 +28,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/kernels.py --quick
 	$(PY) benchmarks/generator.py --quick
 	$(PY) benchmarks/overhead.py --quick
-	$(PY) -m onlineaug plan --measure --quick
+	$(PY) -m onlineaug plan --measure --quick --results-md benchmarks/RESULTS.md
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -1,11 +1,12 @@
 """``python -m onlineaug demo``: vanilla vs online generative augmentation, side by side.
 
 Trains a small CNN on :class:`~onlineaug.datasets.SyntheticShapes` for a fixed number of steps twice: with a
-plain ``DataLoader`` (vanilla) and with :class:`~onlineaug.OnlineGenAugLoader` (GenMix on the tiny generator by
-default). Prints steps/s, the augmentation overhead A_O = (T_aug - T_van) / T_van (GuidedMixup's definition,
+plain ``DataLoader`` (vanilla) and with :class:`~onlineaug.OnlineGenAugLoader` running ``--recipe`` (GenMix on
+the tiny generator by default; any registered recipe). Prints steps/s, the augmentation overhead A_O = (T_aug - T_van) / T_van (GuidedMixup's definition,
 used by the DiffuseMix/DiffCoRe-Mix papers), the generated share, misses and pool stats; writes
 ``preview.png`` (original, generated, mask, hybrid, fractal, final: DiffuseMix Figure 4; for recipes that pool
-only an edit, such as Diff-Mix: source, edit, source -> target class and strength) and ``metrics.json``.
+only an edit, such as Diff-Mix: source, edit, source -> target class and strength) and ``metrics.json`` into
+``--out`` (default ``runs/demo`` under the current directory).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from onlineaug import ops
 from onlineaug.datasets import SyntheticShapes
 from onlineaug.images import UInt8ImageDataset
 from onlineaug.loader import IMAGENET_MEAN, IMAGENET_STD, OnlineGenAugLoader
+from onlineaug.recipes import available_recipes, get_recipe
 from onlineaug.seeding import torch_generator
 
 
@@ -181,10 +183,13 @@ def _table(rows: list[tuple[str, str]]) -> str:
 def run_demo(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     tiny = args.generator == "tiny"
-    generation_size = args.generation_size or (args.image_size if tiny else None)
+    options = get_recipe(args.recipe).option_names()
+    generative = get_recipe(args.recipe).generative
     recipe_options = {}
-    if args.num_inference_steps or tiny:
+    if "num_inference_steps" in options and (args.num_inference_steps or tiny):
         recipe_options["num_inference_steps"] = args.num_inference_steps or 4
+    # None: the recipe's size, or the training size with the tiny generator (the loader's default)
+    generation_size = args.generation_size if "generation_size" in options else None
     dataset = SyntheticShapes(num_classes=args.num_classes, size=args.image_size, length=args.length, seed=args.seed)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -208,12 +213,12 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     loader = OnlineGenAugLoader(
         dataset, recipe=args.recipe, num_classes=args.num_classes, batch_size=args.batch_size,
-        image_size=args.image_size, generator=args.generator, device=args.device,
-        generator_devices=args.generator_device or ["cpu"], p_aug=args.p_aug, pool_size=args.pool_size,
-        max_reuse=args.max_reuse, num_workers=args.num_workers, seed=args.seed, drop_last=True,
-        generation_size=generation_size if args.recipe in ("diffusemix", "genmix") else None,
-        warmup=args.warmup, recipe_options=recipe_options, generator_batch_size=args.generator_batch_size,
-        compile_unet=args.compile, progress=progress)
+        image_size=args.image_size, generator=args.generator if generative else "tiny", device=args.device,
+        generator_devices=(args.generator_device or ["cpu"]) if generative else ["cpu"], p_aug=args.p_aug,
+        pool_size=args.pool_size, max_reuse=args.max_reuse, num_workers=args.num_workers, seed=args.seed,
+        drop_last=True, generation_size=generation_size, warmup=args.warmup if generative else 0,
+        recipe_options=recipe_options, generator_batch_size=args.generator_batch_size if generative else 4,
+        compile_unet=args.compile if generative else False, progress=progress)
     with loader:
         warmup_start = time.perf_counter()
         loader.wait_for_pool(args.warmup)
@@ -227,7 +232,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     overhead = (augmented["seconds"] - vanilla["seconds"]) / vanilla["seconds"]
     notes = []
     generator_devices = args.generator_device or ["cpu"]
-    if device.type == "cpu" and any(torch.device(d).type == "cpu" for d in generator_devices):
+    if generative and device.type == "cpu" and any(torch.device(d).type == "cpu" for d in generator_devices):
         notes.append(f"the producer runs on the same {os.cpu_count()} CPU cores as the trainer, so A_O here is "
                      f"mostly their contention; with generators on other devices (--generator-device cuda:1) "
                      f"it measures what the trainer pays (benchmarks/overhead.py)")
@@ -248,9 +253,12 @@ def run_demo(args: argparse.Namespace) -> dict:
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     served = stats["real"] + stats["generated"]
     print()
-    print(f"onlineaug demo: {args.steps} timed steps (after 5 untimed), batch {args.batch_size}, {args.image_size}px SyntheticShapes, "
-          f"trainer {args.device}, generator {args.generator} on {', '.join(args.generator_device or ['cpu'])}")
+    producer = (f"generator {args.generator} on {', '.join(generator_devices)}" if generative
+                else "no generator (batch-time only)")
+    print(f"onlineaug demo: recipe {args.recipe}, {args.steps} timed steps (after 5 untimed), batch {args.batch_size}, "
+          f"{args.image_size}px SyntheticShapes, trainer {args.device}, {producer}")
     print(_table([
+        ("recipe", f"{args.recipe} ({recipe_settings['paper']})"),
         ("vanilla steps/s", f"{vanilla['steps_per_s']:.2f}  ({vanilla['seconds']:.1f} s)"),
         (f"online {args.recipe} steps/s", f"{augmented['steps_per_s']:.2f}  ({augmented['seconds']:.1f} s)"),
         ("overhead A_O = (T_aug-T_van)/T_van", f"{overhead * 100:+.1f}%"),
@@ -261,36 +269,48 @@ def run_demo(args: argparse.Namespace) -> dict:
         ("pool ready / size", f"{stats['pool_ready']} / {stats['pool_size']}"),
         ("produced", f"{stats['produced']}  ({stats['gen_images_per_s']:.2f} img/s, "
                      f"{stats['producer_restarts']} restarts)"),
-        ("warmup", f"{warmup_seconds:.1f} s for {args.warmup} samples"),
+        ("warmup", f"{warmup_seconds:.1f} s for {args.warmup if generative else 0} samples"),
         ("final loss vanilla / online", f"{vanilla['final_loss']:.3f} / {augmented['final_loss']:.3f}"),
     ]))
     for note in notes:
         print(f"note: {note}")
-    print(f"wrote {out_dir / 'preview.png'} and {out_dir / 'metrics.json'}")
+    written = [out_dir / "preview.png"] if previewed else []
+    print(f"wrote {' and '.join(str(path) for path in [*written, out_dir / 'metrics.json'])}")
     return metrics
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", default="genmix")
-    parser.add_argument("--generator", default="tiny", help='"tiny", a hub id, or a local diffusers folder')
-    parser.add_argument("--device", default="cpu", help="the trainer's device")
-    parser.add_argument("--generator-device", action="append", help="one producer per use (default: cpu)")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=64)
+    """The ``demo`` options (every help names its default: ``onlineaug.__main__`` appends the ones left out)."""
+    parser.description = __doc__.split("\n\n")[0]
+    parser.add_argument("--recipe", default="genmix", choices=available_recipes(),
+                        help="the augmentation recipe of the online run")
+    parser.add_argument("--generator", default="tiny",
+                        help='the recipe\'s main model: "tiny" (random weights built in process), a hub id in the '
+                             "local Hugging Face cache, or a local diffusers folder")
+    parser.add_argument("--device", default="cpu", help="the trainer's device (cpu, cuda, cuda:0, ...)")
+    parser.add_argument("--generator-device", action="append", metavar="DEVICE",
+                        help="a producer's device; repeat for one producer per device (default: one on cpu)")
+    parser.add_argument("--steps", type=int, default=60, help="timed training steps per run (after 5 untimed)")
+    parser.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    parser.add_argument("--image-size", type=int, default=64, help="training image size (px)")
     parser.add_argument("--generation-size", type=int, default=None,
-                        help="default: the image size with the tiny generator, the recipe's otherwise")
+                        help="the size the generator works at (default: the image size with the tiny generator, the "
+                             "recipe's otherwise)")
     parser.add_argument("--num-inference-steps", type=int, default=None,
-                        help="default: 4 with the tiny generator, the recipe's otherwise")
-    parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--length", type=int, default=2000)
-    parser.add_argument("--p-aug", type=float, default=0.5)
-    parser.add_argument("--pool-size", type=int, default=64)
-    parser.add_argument("--max-reuse", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=16)
-    parser.add_argument("--generator-batch-size", type=int, default=4)
-    parser.add_argument("--num-workers", type=int, default=1)
+                        help="denoising steps per generation (default: 4 with the tiny generator, the recipe's "
+                             "otherwise)")
+    parser.add_argument("--num-classes", type=int, default=10, help="SyntheticShapes classes")
+    parser.add_argument("--length", type=int, default=2000, help="SyntheticShapes images")
+    parser.add_argument("--p-aug", type=float, default=0.5,
+                        help="per-sample probability of a generated sample (of mixing, for cutmix/mixup)")
+    parser.add_argument("--pool-size", type=int, default=64, help="shared-memory pool slots")
+    parser.add_argument("--max-reuse", type=int, default=8, help="serves per generated sample")
+    parser.add_argument("--warmup", type=int, default=16,
+                        help="generated samples in the pool before the first online batch")
+    parser.add_argument("--generator-batch-size", type=int, default=4, help="source images per generator call")
+    parser.add_argument("--num-workers", type=int, default=1, help="DataLoader workers")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA producers)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--seed", type=int, default=0, help="seeds data order, mixing and generation")
+    parser.add_argument("--out", default="runs/demo", metavar="DIR",
+                        help="folder for preview.png and metrics.json, relative to the current directory")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -11,10 +11,18 @@ generated sample), with ``T`` trainer GPUs and ``G`` generator GPUs:
 * GPU-hour overhead ``G / T``: extra generator GPU-hours per trainer GPU-hour;
 * with ``G`` fixed by the user (``--generator-gpus``): average reuse ``min(max_reuse, D / F)`` and the generated
   share the pool can sustain, ``min(p_aug, F x max_reuse / (R_train x T))``; the rest are misses (real samples).
+* what ``G`` GPUs sustain, from the same equation ``G x R_gen = p_aug x R_train x T / max_reuse`` solved for the
+  other two unknowns: keep ``p_aug`` and serve each sample up to ``max_reuse = ceil(D / F)`` times, or keep
+  ``max_reuse`` and lower ``p_aug`` to ``F x max_reuse / (R_train x T)``. When the computed ``G / T`` is above
+  ``--max-gpu-overhead`` (default 1: more generator than trainer GPU-hours), the plan says so and prints these
+  settings for fewer GPUs.
 
 ``--measure`` measures both rates first on the devices at hand (``benchmarks/generator.py`` for ``R_gen``, the
 vanilla run of ``benchmarks/overhead.py`` for ``R_train``; a source checkout is needed), ``--quick`` with their
 CPU smoke settings.
+
+Outputs go under the current directory: ``runs/plan/plan.json`` (``--out``). ``--results-md PATH`` appends the
+measured plan to a ``RESULTS.md`` (the repository's ``make bench`` passes ``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -33,8 +41,11 @@ from onlineaug.tables import format_value, text_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IN_CHECKOUT = (REPO_ROOT / "benchmarks").is_dir()
+DEFAULT_OUT = "runs/plan/plan.json"  # relative: under the directory the command runs in
 DEFAULT_TABLE_P_AUG = (0.25, 0.5, 1.0)
 DEFAULT_TABLE_MAX_REUSE = (1, 4, 8, 16)
+DEFAULT_MAX_GPU_OVERHEAD = 1.0  # G / T above this: more generator GPU-hours than training ones
+ALTERNATIVE_GPUS_PER_TRAINER = (1, 2, 4, 8)  # the fewer-GPU settings printed when the computed G is impractical
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -54,9 +65,18 @@ def _int_at_least(name: str, value, low: int) -> int:
     return int(value)
 
 
+def _ceil(value: float) -> int:
+    # round() first: 5.000000000001 from float division must not become 6
+    return math.ceil(round(value, 9))
+
+
 def plan(trainer_images_per_s: float, producer_images_per_s: float, *, p_aug: float, max_reuse: int,
          trainer_gpus: int = 1, generator_gpus: int | None = None) -> dict:
     """Generator GPUs for ``trainer_gpus`` trainers: the model in the module docstring.
+
+    Beside the plan for ``(p_aug, max_reuse)``, the result says what its ``G`` GPUs sustain if one of the two
+    gives: ``max_reuse_to_keep_p_aug = ceil(D / F)`` (the smallest that suffices; None when ``G = 0``; 1 when ``p_aug = 0``) and
+    ``p_aug_at_max_reuse = min(p_aug, F x max_reuse / (R_train x T))`` (the sustained ``generated_share``).
 
     Args:
         trainer_images_per_s: images/s one trainer GPU consumes (``R_train``).
@@ -77,8 +97,7 @@ def plan(trainer_images_per_s: float, producer_images_per_s: float, *, p_aug: fl
     needed = demand / max_reuse  # fresh samples per second
     exact = needed / r_gen
     if generator_gpus is None:
-        # round() first: 5.000000000001 from float division must not become 6 GPUs
-        gpus = math.ceil(round(exact, 9))
+        gpus = _ceil(exact)
         given = False
     else:
         gpus = _int_at_least("generator_gpus", generator_gpus, 0)
@@ -91,6 +110,12 @@ def plan(trainer_images_per_s: float, producer_images_per_s: float, *, p_aug: fl
         reuse = None  # nothing is generated: every wanted sample is a miss
     else:
         reuse = min(float(max_reuse), demand / fresh)
+    if demand == 0:
+        reuse_to_keep = 1
+    elif fresh == 0:
+        reuse_to_keep = None  # no serve count makes zero fresh samples enough
+    else:
+        reuse_to_keep = max(1, _ceil(demand / fresh))
     return {
         "trainer_images_per_s": r_train,
         "producer_images_per_s": r_gen,
@@ -109,10 +134,30 @@ def plan(trainer_images_per_s: float, producer_images_per_s: float, *, p_aug: fl
         "average_reuse": reuse,
         "generated_share": sustained_share,
         "miss_share": float(p_aug) - sustained_share,
+        "max_reuse_to_keep_p_aug": reuse_to_keep,
+        "p_aug_at_max_reuse": sustained_share,
         "gpu_hour_overhead": gpus / trainers,
         "total_gpu_hours_per_trainer_gpu_hour": 1 + gpus / trainers,
         "sufficient": sustained_share >= float(p_aug) - 1e-12,
     }
+
+
+def alternatives(result: dict, *, max_gpu_overhead: float = DEFAULT_MAX_GPU_OVERHEAD,
+                 gpus_per_trainer=ALTERNATIVE_GPUS_PER_TRAINER) -> list[dict]:
+    """What fewer generator GPUs sustain, when ``result`` (a computed plan) needs an impractical number.
+
+    Empty when the plan's ``G / T`` is at most ``max_gpu_overhead`` or ``G`` was given. Otherwise one
+    :func:`plan` per candidate ``G``: ``k x T`` for each ``k`` in ``gpus_per_trainer`` and
+    ``floor(max_gpu_overhead x T)``, each below the computed ``G``; read ``max_reuse_to_keep_p_aug`` and
+    ``p_aug_at_max_reuse`` from each.
+    """
+    if result["generator_gpus_given"] or result["gpu_hour_overhead"] <= max_gpu_overhead:
+        return []
+    trainers = result["trainer_gpus"]
+    candidates = {k * trainers for k in gpus_per_trainer} | {math.floor(max_gpu_overhead * trainers)}
+    return [plan(result["trainer_images_per_s"], result["producer_images_per_s"], p_aug=result["p_aug"],
+                 max_reuse=result["max_reuse"], trainer_gpus=trainers, generator_gpus=g)
+            for g in sorted(candidates) if 1 <= g < result["generator_gpus"]]
 
 
 def plan_table(trainer_images_per_s: float, producer_images_per_s: float, *, trainer_gpus: int = 1,
@@ -131,6 +176,50 @@ def table_rows(rows: list[dict]) -> list[list]:
     return [[r["p_aug"], r["max_reuse"], r["needed_fresh_images_per_s"], r["generator_gpus_exact"],
              r["generator_gpus"], r["ratio"], r["fresh_images_per_s"], r["average_reuse"],
              f"{r['generated_share'] * 100:.1f}%", f"{r['gpu_hour_overhead'] * 100:.0f}%"] for r in rows]
+
+
+def format_sustains(result: dict) -> str:
+    """What ``G`` generator GPUs sustain if ``p_aug`` or ``max_reuse`` gives (two lines, with the formulas)."""
+    r = result
+    if r["max_reuse_to_keep_p_aug"] is None:
+        return "  no generator GPU: nothing is generated, every sample is real"
+    fresh, consumed = format_value(r["fresh_images_per_s"]), format_value(r["trainer_images_per_s"] * r["trainer_gpus"])
+    rows = [(f"keep p_aug = {r['p_aug']:g}:", f"max_reuse = {r['max_reuse_to_keep_p_aug']}",
+             f"ceil(demand / fresh) = ceil({format_value(r['demand_images_per_s'])} / {fresh})"),
+            (f"keep max_reuse = {r['max_reuse']}:", f"p_aug = {r['p_aug_at_max_reuse']:.3g}",
+             f"fresh x max_reuse / (R_train x T) = {fresh} x {r['max_reuse']} / {consumed}")]
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    return "\n".join(f"  {a:<{widths[0]}} {b:<{widths[1]}}  ({c})" for a, b, c in rows)
+
+
+ALTERNATIVE_COLUMNS = ("G", "G:T", "fresh img/s", "max_reuse to keep p_aug", "p_aug at max_reuse", "GPU-h overhead")
+
+
+def alternative_rows(rows: list[dict]) -> list[list]:
+    return [[r["generator_gpus"], r["ratio"], r["fresh_images_per_s"], r["max_reuse_to_keep_p_aug"],
+             f"{r['p_aug_at_max_reuse']:.3g}", f"{r['gpu_hour_overhead'] * 100:.0f}%"] for r in rows]
+
+
+def format_advice(result: dict, fewer: list[dict], max_gpu_overhead: float) -> str:
+    """What to do when the plan is not sustained (``G`` given) or needs too many GPUs (``G`` computed)."""
+    r = result
+    if r["generator_gpus_given"]:
+        if r["sufficient"]:
+            return ""
+        return "\n".join([
+            f"{r['generator_gpus']} generator GPU(s) ({format_value(r['fresh_images_per_s'])} fresh images/s) do not "
+            f"sustain p_aug = {r['p_aug']:g} at max_reuse = {r['max_reuse']}. What they sustain:",
+            format_sustains(r),
+            "Set either on the loader (p_aug=, max_reuse=), or add generator GPUs."])
+    if not fewer:
+        return ""
+    return "\n".join([
+        f"impractical: {r['generator_gpus']} generator GPUs for {r['trainer_gpus']} trainer GPU(s) is a "
+        f"{r['gpu_hour_overhead'] * 100:.0f}% GPU-hour overhead (above --max-gpu-overhead "
+        f"{max_gpu_overhead * 100:.0f}%).",
+        f"What fewer generator GPUs sustain: p_aug = {r['p_aug']:g} with a higher max_reuse, or max_reuse = "
+        f"{r['max_reuse']} with a lower p_aug (pass --generator-gpus N for the GPUs at hand):",
+        text_table(ALTERNATIVE_COLUMNS, alternative_rows(fewer))])
 
 
 def format_plan(result: dict) -> str:
@@ -156,20 +245,30 @@ def format_plan(result: dict) -> str:
 
 # -------------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``plan`` options (every help names its default: ``onlineaug.__main__`` appends the ones left out)."""
     parser.description = __doc__.split("\n\n")[0]
-    parser.add_argument("--trainer-images-per-s", type=float, default=None,
-                        help="images/s one trainer GPU consumes (measured with --measure if not given)")
-    parser.add_argument("--producer-images-per-s", type=float, default=None,
-                        help="images/s one generator GPU produces (measured with --measure if not given)")
-    parser.add_argument("--p-aug", type=float, default=0.5, help="share of generated samples per batch")
-    parser.add_argument("--max-reuse", type=int, default=8, help="serves per generated sample")
-    parser.add_argument("--trainer-gpus", type=int, default=1)
-    parser.add_argument("--generator-gpus", type=int, default=None,
-                        help="fix the generator GPUs; the plan then says what they sustain")
-    parser.add_argument("--table-p-aug", type=float, nargs="+", default=list(DEFAULT_TABLE_P_AUG))
-    parser.add_argument("--table-max-reuse", type=int, nargs="+", default=list(DEFAULT_TABLE_MAX_REUSE))
+    parser.add_argument("--trainer-images-per-s", type=float, default=None, metavar="R_TRAIN",
+                        help="images/s one trainer GPU consumes (default: measured with --measure; required without)")
+    parser.add_argument("--producer-images-per-s", type=float, default=None, metavar="R_GEN",
+                        help="images/s one generator GPU produces (default: measured with --measure; required "
+                             "without)")
+    parser.add_argument("--p-aug", type=float, default=0.5, help="share of generated samples per batch, in [0, 1]")
+    parser.add_argument("--max-reuse", type=int, default=8, help="serves allowed per generated sample (>= 1)")
+    parser.add_argument("--trainer-gpus", type=int, default=1, metavar="T", help="trainer GPUs")
+    parser.add_argument("--generator-gpus", type=int, default=None, metavar="G",
+                        help="the generator GPUs at hand: the plan then says what they sustain (the max_reuse that "
+                             "keeps --p-aug, the p_aug that --max-reuse allows) (default: computed, "
+                             "ceil(needed / R_gen))")
+    parser.add_argument("--max-gpu-overhead", type=float, default=DEFAULT_MAX_GPU_OVERHEAD, metavar="G/T",
+                        help="a computed G / T above this is called impractical and the plan prints what fewer GPUs "
+                             "sustain")
+    parser.add_argument("--table-p-aug", type=float, nargs="+", default=list(DEFAULT_TABLE_P_AUG), metavar="P",
+                        help="p_aug values of the table over other targets")
+    parser.add_argument("--table-max-reuse", type=int, nargs="+", default=list(DEFAULT_TABLE_MAX_REUSE), metavar="M",
+                        help="max_reuse values of the table over other targets")
     parser.add_argument("--measure", action="store_true",
-                        help="measure both rates first (benchmarks/generator.py and benchmarks/overhead.py)")
+                        help="measure both rates first (benchmarks/generator.py and benchmarks/overhead.py; needs a "
+                             "source checkout)")
     parser.add_argument("--quick", action="store_true", help="with --measure: the benchmarks' CPU smoke settings")
     parser.add_argument("--device", default=None,
                         help="with --measure: the trainer's device (default: cuda:0 if available, else cpu)")
@@ -179,11 +278,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generator", default=None,
                         help="with --measure: the generator benchmark's weights (default: its own, full-random on "
                              "CUDA, tiny on CPU)")
-    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "plan.json") if IN_CHECKOUT
-                        else None, help="JSON file to write (default benchmarks/results/plan.json in a checkout)")
-    parser.add_argument("--results-md", default=str(REPO_ROOT / "benchmarks" / "RESULTS.md") if IN_CHECKOUT
-                        else None, help='with --measure: RESULTS.md to append to ("" to skip)')
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--out", default=DEFAULT_OUT, metavar="PATH",
+                        help='JSON file to write, relative to the current directory ("" to skip)')
+    parser.add_argument("--results-md", default=None, metavar="PATH",
+                        help="with --measure: a RESULTS.md to append the measured plan to (default: none; make bench "
+                             "passes benchmarks/RESULTS.md)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars while measuring")
+
+
+def _checked_overhead(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"max_gpu_overhead must be a positive number (generator GPUs per trainer GPU), got {value!r}")
+    return float(value)
 
 
 def _benchmark_module(name: str):
@@ -283,12 +389,15 @@ def run_plan(args: argparse.Namespace) -> dict:
                       trainer_gpus=args.trainer_gpus, generator_gpus=args.generator_gpus)
         table = plan_table(trainer_rate, producer_rate, trainer_gpus=args.trainer_gpus, p_augs=args.table_p_aug,
                            max_reuses=args.table_max_reuse)
+        max_gpu_overhead = _checked_overhead(args.max_gpu_overhead)
+        fewer = alternatives(result, max_gpu_overhead=max_gpu_overhead)
     except (TypeError, ValueError) as error:
         raise SystemExit(f"plan: {error}") from None
 
     settings = {key: value for key, value in vars(args).items() if key not in ("command",)}
     devices = (measured["trainer_device"], measured["generator_device"]) if measured else ()
-    output = {"benchmark": "plan", **_environment(*devices), "settings": settings, "plan": result, "table": table}
+    output = {"benchmark": "plan", **_environment(*devices), "settings": settings, "plan": result, "table": table,
+              "fewer_generator_gpus": fewer}
     if measured:
         output["measured"] = {
             "trainer_images_per_s": measured["trainer_images_per_s"], "trainer_device": measured["trainer_device"],
@@ -309,6 +418,10 @@ def run_plan(args: argparse.Namespace) -> dict:
         if genmix is not None:
             print(f"online GenMix on that trainer: A_O {genmix * 100:+.1f}%")
     print(format_plan(result))
+    advice = format_advice(result, fewer, max_gpu_overhead)
+    if advice:
+        print()
+        print(advice)
     print()
     print(f"for other targets ({args.trainer_gpus} trainer GPU(s)):")
     print(text_table(TABLE_COLUMNS, table_rows(table)))

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from onlineaug.__main__ import main
-from onlineaug.plan import plan, plan_table
+from onlineaug.plan import alternatives, plan, plan_table
 
 
 def test_hand_computed_case():
@@ -140,3 +140,74 @@ def test_cli_bad_rate_is_a_clean_error(tmp_path):
     with pytest.raises(SystemExit, match="producer_images_per_s"):
         main(["plan", "--trainer-images-per-s", "2000", "--producer-images-per-s", "0",
               "--out", str(tmp_path / "plan.json")])
+
+
+# ------------------------------------------------------------------------ what the GPUs at hand sustain
+def test_what_given_gpus_sustain_solves_the_same_equation():
+    # G x R_gen = p_aug x R_train x T / max_reuse, solved for max_reuse (p_aug kept) and for p_aug (max_reuse kept)
+    r_train, r_gen, p_aug, max_reuse, gpus = 2500, 3, 0.5, 8, 4
+    result = plan(r_train, r_gen, p_aug=p_aug, max_reuse=max_reuse, generator_gpus=gpus)
+    assert not result["sufficient"]
+    assert result["max_reuse_to_keep_p_aug"] == math.ceil(p_aug * r_train / (gpus * r_gen)) == 105
+    assert result["p_aug_at_max_reuse"] == pytest.approx(gpus * r_gen * max_reuse / r_train) == 0.0384
+    # each answer is sustained by the same 4 GPUs, and the next tighter setting is not
+    assert plan(r_train, r_gen, p_aug=p_aug, max_reuse=105, generator_gpus=gpus)["sufficient"]
+    assert not plan(r_train, r_gen, p_aug=p_aug, max_reuse=104, generator_gpus=gpus)["sufficient"]
+    assert plan(r_train, r_gen, p_aug=result["p_aug_at_max_reuse"], max_reuse=max_reuse,
+                generator_gpus=gpus)["sufficient"]
+    assert not plan(r_train, r_gen, p_aug=0.04, max_reuse=max_reuse, generator_gpus=gpus)["sufficient"]
+
+
+def test_sustain_figures_at_the_edges():
+    enough = plan(2000, 25, p_aug=0.5, max_reuse=8, generator_gpus=10)  # 250 fresh/s for 1000 serves/s
+    assert enough["max_reuse_to_keep_p_aug"] == 4 and enough["p_aug_at_max_reuse"] == 0.5
+    assert plan(2000, 25, p_aug=0.5, max_reuse=8, generator_gpus=0)["max_reuse_to_keep_p_aug"] is None
+    assert plan(2000, 25, p_aug=0.0, max_reuse=8, generator_gpus=2)["max_reuse_to_keep_p_aug"] == 1
+
+
+def test_an_impractical_plan_lists_what_fewer_gpus_sustain():
+    result = plan(2500, 3, p_aug=0.5, max_reuse=8)  # the README's numbers: 52.1 -> 53 generator GPUs
+    assert result["generator_gpus"] == 53 and result["gpu_hour_overhead"] == 53
+    fewer = alternatives(result)
+    assert [r["generator_gpus"] for r in fewer] == [1, 2, 4, 8]  # k x T, and floor(1.0 x T) = 1
+    for row in fewer:
+        fresh = row["generator_gpus"] * 3
+        assert row["max_reuse_to_keep_p_aug"] == math.ceil(0.5 * 2500 / fresh)
+        assert row["p_aug_at_max_reuse"] == pytest.approx(fresh * 8 / 2500)
+    # two trainers and a 3x overhead budget: candidates 2, 4, 6 (floor(3 x 2)), 8, 16
+    two = alternatives(plan(2500, 3, p_aug=0.5, max_reuse=8, trainer_gpus=2), max_gpu_overhead=3)
+    assert [r["generator_gpus"] for r in two] == [2, 4, 6, 8, 16]
+
+
+def test_a_practical_or_given_plan_lists_no_alternatives():
+    assert alternatives(plan(100, 25, p_aug=0.5, max_reuse=8)) == []  # 0.25 -> 1 GPU: 100% overhead
+    assert alternatives(plan(2500, 3, p_aug=0.5, max_reuse=8), max_gpu_overhead=60) == []
+    assert alternatives(plan(2500, 3, p_aug=0.5, max_reuse=8, generator_gpus=4)) == []
+
+
+def test_cli_with_the_readme_numbers_says_what_4_gpus_sustain(tmp_path, capsys):
+    main(["plan", "--trainer-images-per-s", "2500", "--producer-images-per-s", "3", "--p-aug", "0.5",
+          "--max-reuse", "8", "--generator-gpus", "4", "--out", str(tmp_path / "plan.json")])
+    text = capsys.readouterr().out
+    assert "do not sustain p_aug = 0.5 at max_reuse = 8" in text
+    assert f"max_reuse = {math.ceil(0.5 * 2500 / (4 * 3))} " in text  # 105
+    assert f"p_aug = {4 * 3 * 8 / 2500:.3g} " in text  # 0.0384
+    data = json.loads((tmp_path / "plan.json").read_text())
+    assert data["plan"]["max_reuse_to_keep_p_aug"] == 105 and data["fewer_generator_gpus"] == []
+
+
+def test_cli_calls_an_impractical_ratio_impractical(tmp_path, capsys):
+    main(["plan", "--trainer-images-per-s", "2500", "--producer-images-per-s", "3", "--out", str(tmp_path / "p.json")])
+    text = capsys.readouterr().out
+    assert "impractical: 53 generator GPUs for 1 trainer GPU(s) is a 5300% GPU-hour overhead" in text
+    assert "max_reuse to keep p_aug" in text
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert [r["max_reuse_to_keep_p_aug"] for r in data["fewer_generator_gpus"]] == [417, 209, 105, 53]
+    main(["plan", "--trainer-images-per-s", "100", "--producer-images-per-s", "25", "--out", ""])
+    assert "impractical" not in capsys.readouterr().out
+
+
+def test_cli_rejects_a_bad_overhead_budget():
+    with pytest.raises(SystemExit, match="max_gpu_overhead"):
+        main(["plan", "--trainer-images-per-s", "2500", "--producer-images-per-s", "3", "--max-gpu-overhead", "0",
+              "--out", ""])
