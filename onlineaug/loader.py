@@ -8,7 +8,9 @@ Data path of one batch (see ``docs/architecture.md``):
    miss is counted: the trainer never waits for the generator;
 3. the batch is copied to the trainer's device, and the recipe draws per-sample parameters with an explicit
    ``torch.Generator`` and mixes (fused kernels from :mod:`onlineaug.kernels`): normalised images and soft
-   targets.
+   targets;
+4. with ``batch_transforms``, the recipe mixes without normalising (its context's mean 0 and std 1: images in
+   [0, 1]), the transforms run on the whole mixed batch on the trainer's device, and the loader normalises.
 
 Producers start only from indices the sampler can yield (:mod:`onlineaug.sources`), and the trainer serves only
 samples made from them.
@@ -16,6 +18,8 @@ samples made from them.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import pickle
@@ -46,6 +50,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _CHECK = Checks("OnlineGenAugLoader", "argument")
 _BACKENDS = ("auto", "triton", "torch")
+# A generative loader that has served this many batches and not one generated sample logs why (once).
+ONLY_MISSES_BATCHES = 20
 # Loader arguments that only matter to recipes that generate, with their defaults (for the "ignored" log line).
 _GENERATION_ARGUMENTS = {"generator": "tiny", "models": None, "generation_size": None, "warmup": 0,
                          "generator_batch_size": 4, "compile_unet": False, "generator_devices": ("cpu",)}
@@ -165,6 +171,18 @@ class OnlineGenAugLoader:
         cache_dir: a folder for what is worth keeping across runs (the recipe's preparation, e.g. DiffCoRe-Mix's
             thresholds), keyed by dataset, models and settings.
         progress: show progress bars (waiting for ``warmup``, reading labels, preparing).
+        batch_transforms: a callable on the mixed (B, 3, S, S) float batch in [0, 1] on ``device``, applied to real
+            and generated rows alike after mixing and before normalisation, returning a batch of the same shape:
+            a kornia ``AugmentationSequential`` (flips, colour jitter, ...) or any function. The recipe then mixes
+            without normalising (every recipe normalises with its context's mean and std, so a context of mean 0
+            and std 1 yields the mixed batch in [0, 1]; the fused kernels stay fused) and the loader normalises
+            after the transforms, in ``out_dtype``. kornia draws its parameters from torch's global generators:
+            each batch's call runs under ``torch.random.fork_rng`` with the CPU and ``device`` generators seeded
+            from ``(seed, rank, epoch, batch)``, so the draws are reproducible and the caller's random state is
+            left as it was.
+
+    A generative loader whose first :data:`ONLY_MISSES_BATCHES` batches served no generated sample logs a warning
+    (logger ``"onlineaug"``) saying why: what the producers made so far, and what to change.
     """
 
     def __init__(self, dataset, recipe: str | Recipe = "genmix", *, num_classes: int, batch_size: int = 64,
@@ -180,7 +198,8 @@ class OnlineGenAugLoader:
                  restart_window_s: float = 3600.0, heartbeat_timeout_s: float = 300.0,
                  startup_timeout_s: float = 1800.0, out_dtype: torch.dtype = torch.float32, backend: str = "auto",
                  prefetch: int = 1, rank: int | None = None, progress: bool = True, return_info: bool = False,
-                 cache_dir: str | os.PathLike | None = None):
+                 cache_dir: str | os.PathLike | None = None,
+                 batch_transforms=None):
         check = _CHECK
         if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
             raise TypeError(f"dataset must be a map-style dataset (with __getitem__ and __len__), got "
@@ -213,6 +232,10 @@ class OnlineGenAugLoader:
         drop_last = check.boolean("drop_last", drop_last)
         self.rank = _checked_rank(rank)
         self.cache_dir = None if cache_dir is None else os.path.abspath(os.fspath(cache_dir))
+        if batch_transforms is not None and not callable(batch_transforms):
+            check._fail(TypeError, "batch_transforms", batch_transforms,
+                        "a callable on a (B, 3, H, W) float batch, e.g. kornia.augmentation.AugmentationSequential(...)")
+        self.batch_transforms = batch_transforms
         known = getattr(dataset, "classes", None)
         if isinstance(known, (list, tuple)) and len(known) != num_classes:
             raise ValueError(f"num_classes={num_classes} but the dataset has {len(known)} classes "
@@ -313,6 +336,11 @@ class OnlineGenAugLoader:
             std=torch.tensor(std, dtype=torch.float32, device=self.device),
             label_smoothing=self.label_smoothing, out_dtype=out_dtype, p_aug=self.p_aug,
             fractals=fractal_images, backend=self.backend)
+        # with batch_transforms the recipe mixes unnormalised: (x - 0) / 1 in float32 is the mixed batch in [0, 1]
+        self._unnormalised_context = dataclasses.replace(
+            self.context, mean=torch.zeros(3, device=self.device), std=torch.ones(3, device=self.device),
+            out_dtype=torch.float32) if batch_transforms is not None else None
+        self._only_misses_logged = False
 
         self._resources = _Resources()
         self._resources.dataloader = self._dataloader
@@ -481,18 +509,66 @@ class OnlineGenAugLoader:
         assembler = self._assembler
         batches = prefetch_batches(self._dataloader, lambda images, labels, indices: assembler.assemble(
             images, labels, indices, coins), depth=self.prefetch, before_each=self._check_running)
-        for ready in batches:
+        for step, ready in enumerate(batches):
             batch = ready.wait()
             params = self.recipe.sample_params(batch, self.context, params_generator)
-            images, targets, info = _with_info(self.recipe.apply(batch, params, self.context))
+            if self.batch_transforms is None:
+                images, targets, info = _with_info(self.recipe.apply(batch, params, self.context))
+            else:
+                images, targets, info = _with_info(self.recipe.apply(batch, params, self._unnormalised_context))
+                images = self._transform_and_normalise(images, step)
             self._counts["batches"] += 1
             for key, value in ready.counts.items():
                 self._counts[key] += value
+            if self.generative and not self._only_misses_logged:
+                self._log_only_misses()
             if self.return_info:
                 yield images, targets, {"generated": batch.generated, "index": batch.fields["index"],
                                         "label": batch.fields["label"], **info}
             else:
                 yield images, targets
+
+    def _transform_and_normalise(self, images: torch.Tensor, step: int) -> torch.Tensor:
+        """``batch_transforms`` on the mixed [0, 1] batch (global RNG seeded per batch), then normalisation."""
+        seed = derive_seed(self.seed, f"batch_transforms/{step}", self.rank, self.epoch)
+        with _seeded_global_rng(self.device, seed):
+            transformed = self.batch_transforms(images)
+        if not isinstance(transformed, torch.Tensor) or transformed.shape != images.shape:
+            got = tuple(transformed.shape) if isinstance(transformed, torch.Tensor) else type(transformed).__name__
+            raise TypeError(f"batch_transforms must return the batch as one tensor of the shape it was given, "
+                            f"{tuple(images.shape)}; got {got}. Keep the size (e.g. RandomResizedCrop to "
+                            f"({self.image_size}, {self.image_size})) and return only the images")
+        if transformed.device != images.device:
+            raise ValueError(f"batch_transforms returned the batch on {transformed.device}, not on the trainer's "
+                             f"device {images.device}")
+        mean, std = self.context.mean.view(1, -1, 1, 1), self.context.std.view(1, -1, 1, 1)
+        return transformed.float().sub(mean).div_(std).to(self.context.out_dtype)
+
+    def _log_only_misses(self) -> None:
+        """Once: warn when the first batches served nothing generated although samples were wanted."""
+        counts = self._counts
+        if counts["generated"] > 0:
+            self._only_misses_logged = True  # it generates: nothing to say, ever
+            return
+        if counts["batches"] < ONLY_MISSES_BATCHES or counts["misses"] == 0:
+            return
+        self._only_misses_logged = True
+        produced = int(self.pool.produced.sum()) if self.pool is not None else 0
+        steps = getattr(self.recipe, "num_inference_steps", None)
+        settings = (f"recipe {self.recipe.name!r}, {self.generator!r} at {self.recipe.generation_size} px"
+                    + (f", {steps} denoising steps" if steps is not None else "")
+                    + f", {self.generator_batch_size} per call on {', '.join(self.generator_devices)}")
+        if produced == 0:
+            why = (f"no producer has finished a generation yet ({settings}); a producer loads its models before "
+                   f"its first batch")
+        else:
+            why = (f"the producers made {produced} samples ({settings}) but none could be served: each was "
+                   f"served max_reuse={self.max_reuse} times already, or none matched what the sampler yields")
+        logger.warning(
+            "onlineaug: the first %d batches served only misses (%d real samples stood in for generated ones): %s. "
+            "Fill the pool before training with warmup=N (or loader.wait_for_pool(N)), generate faster (a lower "
+            "generation_size or recipe_options={'num_inference_steps': ...}), or add generator_devices; "
+            "stats() counts misses as they happen.", counts["batches"], counts["misses"], why)
 
     def _check_running(self) -> None:
         if not self._finalizer.alive:
@@ -532,6 +608,20 @@ def _with_info(result) -> tuple[torch.Tensor, torch.Tensor, dict]:
     if len(result) == 2:
         return result[0], result[1], {}
     return result
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(device: torch.device, seed: int):
+    """Seed torch's global CPU generator and ``device``'s (where kornia draws its parameters) for one block, and
+    restore both afterwards."""
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        for index in devices:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
 
 
 def _is_tiny(generator, models, recipe: Recipe) -> bool:
