@@ -10,12 +10,18 @@ with each batch provider in turn, on the same training loop, model initialisatio
   producer keeps running, so the figure is what the *trainer* pays: pool bookkeeping, copies, collate, mixing;
 * ``torchvision CutMix`` / ``MixUp`` (``torchvision.transforms.v2``) and ``timm Mixup`` (cutmix and mixup
   modes, batch mode) applied on the trainer's device to the normalised batch, as their docs show;
-* ``vanilla (again)`` at the end: the run-to-run drift, i.e. how much of an A_O is noise.
+Runs are interleaved (A B A B): ``--rounds`` rounds (default 2), each running vanilla and then every other
+provider, so slow drift of the machine (clocks, other load) falls on all of them alike. The spread of the
+vanilla runs against each other, ``noise floor = (max - min) / mean`` of their seconds, is the A_O that vanilla
+shows against itself: an A_O inside it is reported "within noise" (the run cannot tell it from 0), and so is
+one whose own runs overlap the vanilla runs' range; the plot draws the band, each provider's min-max over the
+rounds, and the 2% target line. One round (``--rounds 1``) has no noise floor.
 
-Reported per provider: seconds for the timed steps (after ``--warmup-steps`` untimed ones), steps/s, images/s,
-A_O = (T_aug - T_van) / T_van (GuidedMixup's definition, used by DiffuseMix and DiffCoRe-Mix; T_van is the mean
-of the two vanilla runs), host seconds spent waiting for batches, and for onlineaug loaders the generated share,
-fresh/reused serves, pool misses and producer output over the timed window.
+Reported per provider: seconds for the timed steps (after ``--warmup-steps`` untimed ones; the mean over the
+rounds, each run's seconds beside it), steps/s, images/s, A_O = (T_aug - T_van) / T_van (GuidedMixup's
+definition, used by DiffuseMix and DiffCoRe-Mix; T_van is the mean of the vanilla runs), whether it is within
+noise, host seconds spent waiting for batches, and for onlineaug loaders the generated share, fresh/reused
+serves, pool misses and producer output over the timed windows.
 
     python benchmarks/overhead.py --quick                      # CPU smoke test (small CNN, tiny generator)
     python benchmarks/overhead.py --device cuda:0 --generator-device cuda:1     # ResNet-50, batch 256, AMP
@@ -113,8 +119,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         choices=ONLINE_RECIPES, help="onlineaug recipes to run")
     parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES,
                         help="torchvision / timm baselines to run")
-    parser.add_argument("--no-repeat-vanilla", dest="repeat_vanilla", action="store_false",
-                        help="skip the second vanilla run (the drift check)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds (A B A B): each runs vanilla, then every other provider; the "
+                             "vanilla runs' spread is the noise floor (default 2)")
+    parser.add_argument("--no-repeat-vanilla", dest="rounds", action="store_const", const=1,
+                        help="one round: every provider once, no noise floor (same as --rounds 1)")
     parser.add_argument("--p-aug", type=float, default=0.5, help="share of samples replaced by generated ones")
     parser.add_argument("--mix-p", type=float, default=1.0,
                         help="per-sample mixing probability of the onlineaug cutmix/mixup recipes (torchvision and "
@@ -190,7 +199,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         "amp_dtype": args.amp_dtype,
         "recipes": list(args.recipes),
         "baselines": list(args.baselines),
-        "repeat_vanilla": bool(args.repeat_vanilla),
+        "rounds": 2 if args.rounds is None else args.rounds,
         "p_aug": args.p_aug,
         "mix_p": args.mix_p,
         "max_reuse": args.max_reuse,
@@ -207,7 +216,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         "quick": bool(args.quick),
     }
     for name in ("steps", "batch_size", "num_classes", "max_reuse", "pool_size", "cache_images",
-                 "generator_batch_size"):
+                 "generator_batch_size", "rounds"):
         if settings[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {settings[name]}")
     for name in ("warmup_steps", "num_workers", "warmup"):
@@ -410,6 +419,45 @@ def train(provider: Provider, settings: dict, device: torch.device) -> dict:
     return row
 
 
+# ------------------------------------------------------------------------------------------------ rounds
+def noise_floor(vanilla_seconds: list[float]) -> float | None:
+    """``(max - min) / mean`` of the vanilla runs: the largest A_O one vanilla run shows against another (None
+    with fewer than two runs: a single run cannot tell noise from overhead)."""
+    if len(vanilla_seconds) < 2:
+        return None
+    return (max(vanilla_seconds) - min(vanilla_seconds)) / (sum(vanilla_seconds) / len(vanilla_seconds))
+
+
+def within_noise(runs: list[float], vanilla_runs: list[float], a_o: float, noise: float | None) -> bool | None:
+    """Whether this run cannot tell ``a_o`` from 0: inside the noise floor, or the provider's own runs overlap
+    the vanilla runs' range (its spread is larger than its overhead). None without a noise floor."""
+    if noise is None:
+        return None
+    overlap = min(runs) <= max(vanilla_runs) and max(runs) >= min(vanilla_runs)
+    return abs(a_o) <= noise or overlap
+
+
+def combine_runs(runs: list[dict], settings: dict) -> dict:
+    """One provider's rounds as one row: mean seconds (rates from it), counters summed over the timed windows."""
+    seconds = [r["seconds"] for r in runs]
+    mean = sum(seconds) / len(seconds)
+    row = {**runs[0], "seconds": mean, "runs_seconds": seconds, "rounds": len(runs),
+           "spread": (max(seconds) - min(seconds)) / mean,
+           "steps_per_s": settings["steps"] / mean, "images_per_s": settings["steps"] * settings["batch_size"] / mean,
+           "loader_wait_ms_per_step": sum(r["loader_wait_ms_per_step"] for r in runs) / len(runs),
+           "final_loss": sum(r["final_loss"] for r in runs) / len(runs)}
+    if runs[0]["generated_share"] is not None:
+        window = {key: sum(int(r[key]) for r in runs) for key in WINDOW_COUNTERS}
+        served = window["real"] + window["generated"]
+        row.update(window, generated_share=window["generated"] / served if served else 0.0,
+                   producer_images_per_s=window["produced"] / sum(seconds),
+                   pool_ready_at_end=runs[-1]["pool_ready_at_end"],
+                   producer_restarts=sum(int(r["producer_restarts"] or 0) for r in runs))
+    if row["gpu_seconds"] is not None:
+        row["gpu_seconds"] = sum(r["gpu_seconds"] for r in runs) / len(runs)
+    return row
+
+
 # ----------------------------------------------------------------------------------------------- measure
 def benchmark(args: argparse.Namespace, *, progress: bool = True) -> dict:
     """Run every provider on the same loop; return the result (nothing written). ``args`` from :func:`build_parser`."""
@@ -444,8 +492,6 @@ def _benchmark(settings: dict, progress: bool) -> dict:
         plan.append((BASELINE_NAMES[name], lambda name=name: vanilla_provider(
             dataset, settings, device, name=BASELINE_NAMES[name], kind=name.split("-")[0],
             mixer=baseline_mixer(name, settings["num_classes"]))))
-    if settings["repeat_vanilla"]:
-        plan.append(("vanilla (again)", lambda: vanilla_provider(dataset, settings, device, name="vanilla (again)")))
 
     # One untimed vanilla pass first: process-level first-use costs (allocator, kernels, thread pools) are then
     # paid before the first timed provider, not by it.
@@ -456,24 +502,30 @@ def _benchmark(settings: dict, progress: bool) -> dict:
         provider.close()
         del provider
 
-    rows = []
-    for name, make in plan:
-        provider = make()
-        try:
-            row = train(provider, settings, device)
-        finally:
-            provider.close()
-            del provider
-        rows.append(row)
-        extra = (f", generated {row['generated_share'] * 100:.0f}%, misses {row['misses']}"
-                 if row["generated_share"] is not None else "")
-        log(f"  {name}: {row['steps_per_s']:.3g} steps/s ({row['seconds']:.2f} s){extra}")
+    runs: dict[str, list[dict]] = {name: [] for name, _ in plan}
+    rounds = settings["rounds"]
+    for round_index in range(rounds):  # A B A B: each round runs vanilla, then every other provider
+        for name, make in plan:
+            provider = make()
+            try:
+                row = train(provider, settings, device)
+            finally:
+                provider.close()
+                del provider
+            runs[name].append(row)
+            extra = (f", generated {row['generated_share'] * 100:.0f}%, misses {row['misses']}"
+                     if row["generated_share"] is not None else "")
+            log(f"  round {round_index + 1}/{rounds} {name}: {row['steps_per_s']:.3g} steps/s "
+                f"({row['seconds']:.2f} s){extra}")
 
-    vanilla_runs = [r["seconds"] for r in rows if r["kind"] == "vanilla"]
+    rows = [combine_runs(runs[name], settings) for name, _ in plan]
+    vanilla_runs = [r["seconds"] for r in runs["vanilla"]]
     t_van = sum(vanilla_runs) / len(vanilla_runs)
+    noise = noise_floor(vanilla_runs)
     for row in rows:
         row["A_O"] = (row["seconds"] - t_van) / t_van
-    drift = (vanilla_runs[1] - vanilla_runs[0]) / vanilla_runs[0] if len(vanilla_runs) > 1 else None
+        row["runs_A_O"] = [(t - t_van) / t_van for t in row["runs_seconds"]]
+        row["within_noise"] = within_noise(row["runs_seconds"], vanilla_runs, row["A_O"], noise)
     headline = next((r for r in rows if r["provider"] in ("onlineaug genmix", "onlineaug diffusemix")), None) \
         or next((r for r in rows if r["kind"] == "onlineaug"), None)
     applies = (device.type == "cuda" and settings["model"] == "resnet50" and settings["batch_size"] == 256
@@ -486,52 +538,90 @@ def _benchmark(settings: dict, progress: bool) -> dict:
         "settings": settings,
         "providers": rows,
         "vanilla_seconds": t_van,
+        "vanilla_runs_seconds": vanilla_runs,
+        "noise_floor": noise,
         "vanilla_images_per_s": settings["steps"] * settings["batch_size"] / t_van,
-        "vanilla_drift": drift,
         "A_O": {r["provider"]: r["A_O"] for r in rows},
         "headline": headline,
         "targets": {"A_O_max": TARGET_A_O, "applies": applies,
-                    "met": (genmix["A_O"] <= TARGET_A_O) if (applies and genmix) else None},
+                    "met": (genmix["A_O"] <= TARGET_A_O) if (applies and genmix) else None,
+                    # a noise floor at or above the target: this run cannot tell an A_O under 2% from one over it
+                    "resolvable": noise is not None and noise < TARGET_A_O},
         "notes": notes,
     }
 
 
 # ------------------------------------------------------------------------------------------------ report
-TABLE_COLUMNS = ("provider", "steps/s", "images/s", "A_O", "loader wait ms/step", "generated share", "fresh",
-                 "reused", "misses", "produced")
+TABLE_COLUMNS = ("provider", "steps/s", "images/s", "A_O", "vs noise", "runs (s)", "loader wait ms/step",
+                 "generated share", "fresh", "reused", "misses", "produced")
+
+
+def noise_verdict(row: dict) -> str:
+    if row["within_noise"] is None:
+        return "n/a (1 round)"
+    if row["kind"] == "vanilla":
+        return "(the floor)"
+    return "within noise" if row["within_noise"] else "above noise" if row["A_O"] > 0 else "below noise"
 
 
 def table_rows(result: dict) -> list[list]:
     return [[r["provider"], r["steps_per_s"], r["images_per_s"], common.format_percent(r["A_O"], signed=True),
-             r["loader_wait_ms_per_step"], common.format_percent(r["generated_share"]), r["fresh"], r["reused"],
-             r["misses"], r["produced"]] for r in result["providers"]]
+             noise_verdict(r), " ".join(f"{t:.3g}" for t in r["runs_seconds"]), r["loader_wait_ms_per_step"],
+             common.format_percent(r["generated_share"]), r["fresh"], r["reused"], r["misses"], r["produced"]]
+            for r in result["providers"]]
 
 
-def plot(result: dict, path: Path) -> Path:
-    """Trainer throughput against A_O, one point per provider (as the papers' overhead figures)."""
+def noise_line(result: dict) -> str:
+    noise = result["noise_floor"]
+    if noise is None:
+        return "noise floor: n/a (one round: run --rounds 2 or more to tell an A_O from noise)"
+    runs = ", ".join(f"{t:.3g}" for t in result["vanilla_runs_seconds"])
+    return (f"noise floor: {noise * 100:.1f}% (vanilla against itself over {len(result['vanilla_runs_seconds'])} "
+            f"interleaved runs: {runs} s); an A_O within +-{noise * 100:.1f}% is within noise")
+
+
+def figure(result: dict):
+    """Trainer throughput against A_O, one point per provider (as the papers' overhead figures), its min-max over
+    the rounds, the noise band and the target line: ``(figure, axes)``."""
     plt = common.pyplot()
-    fig, ax = plt.subplots(figsize=(8.4, 4.4))
+    fig, ax = plt.subplots(figsize=(10.5, 4.6))
     colors = {"vanilla": "gray", "onlineaug": "tab:blue", "tv": "tab:orange", "timm": "tab:green"}
     markers = "osD^vP*Xhp<>"
     seen: dict[str, int] = {}
+    noise = result["noise_floor"]
+    if noise is not None:
+        ax.axvspan(-noise * 100, noise * 100, color="gray", alpha=0.15, lw=0, zorder=1,
+                   label=f"noise floor \u00b1{noise * 100:.1f}% (vanilla vs vanilla)")
     for row in result["providers"]:  # colour = family, marker = member: clustered points stay readable
         index = seen[row["kind"]] = seen.get(row["kind"], -1) + 1
-        ax.scatter(row["A_O"] * 100, row["images_per_s"], color=colors.get(row["kind"], "black"),
-                   marker=markers[index % len(markers)], s=40, zorder=3,
-                   label=f"{row['provider']}: {row['A_O'] * 100:+.1f}%")
+        x = row["A_O"] * 100
+        runs = [a * 100 for a in row["runs_A_O"]]
+        verdict = ", within noise" if row["within_noise"] and row["kind"] != "vanilla" else ""
+        ax.errorbar(x, row["images_per_s"], xerr=[[x - min(runs)], [max(runs) - x]],
+                    color=colors.get(row["kind"], "black"), marker=markers[index % len(markers)], ms=6, capsize=3, lw=0.8, ls="none", zorder=3,
+                    label=f"{row['provider']}: {x:+.1f}%{verdict}")
     ax.axvline(0, color="gray", lw=0.8)
-    if result["targets"]["applies"]:
-        ax.axvline(TARGET_A_O * 100, color="tab:red", ls=":", lw=1, label=f"target A_O {TARGET_A_O * 100:.0f}%")
+    target = f"target A_O {TARGET_A_O * 100:.0f}%" + ("" if result["targets"]["applies"] else
+                                                      " (set for ResNet-50, 224 px, AMP, producer off the trainer GPU)")
+    ax.axvline(TARGET_A_O * 100, color="tab:red", ls=":", lw=1, label=target)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     s = result["settings"]
     ax.set_xlabel("augmentation overhead A_O = (T_aug - T_van) / T_van  [%]")
     ax.set_ylabel("trainer images/s")
     ax.set_title(f"{s['model']}, batch {s['batch_size']}, {s['image_size']} px, {s['steps']} steps on "
-                 f"{result['device']}\nproducer on {', '.join(s['generator_devices'])} ({s['generator']}), "
-                 f"p_aug {s['p_aug']}, max_reuse {s['max_reuse']}", fontsize=8)
+                 f"{result['device']}, {s['rounds']} interleaved round(s)\nproducer on "
+                 f"{', '.join(s['generator_devices'])} ({s['generator']}), p_aug {s['p_aug']}, max_reuse "
+                 f"{s['max_reuse']}; bars: min-max over the rounds", fontsize=8)
     ax.grid(alpha=0.3)
     ax.set_ylim(bottom=0)
     fig.tight_layout()
+    return fig, ax
+
+
+def plot(result: dict, path: Path) -> Path:
+    """:func:`figure`, saved as a PNG."""
+    plt = common.pyplot()
+    fig, _ = figure(result)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -549,10 +639,7 @@ def report(result: dict, out_dir: str | Path | None, results_md: str | Path | No
         s = result["settings"]
         title = (f"overhead: {s['model']}, batch {s['batch_size']}, {s['image_size']} px, trainer {s['device']}, "
                  f"producer {' '.join(s['generator_devices'])}")
-        drift = result["vanilla_drift"]
-        notes = list(result["notes"])
-        if drift is not None:
-            notes.append(f"vanilla run-to-run drift {drift * 100:+.1f}% (A_O within that is noise)")
+        notes = [*result["notes"], noise_line(result)]
         paths["results_md"] = common.append_results_md(results_md, title, TABLE_COLUMNS, table_rows(result),
                                                        env=result, settings=s, notes=notes)
     return paths
@@ -565,13 +652,17 @@ def print_summary(result: dict) -> None:
           f"(after {s['warmup_steps']}), AMP {'on (' + s['amp_dtype'] + ')' if s['amp'] else 'off'}, trainer "
           f"{s['device']} ({result['device']}), producer {', '.join(s['generator_devices'])} ({s['generator']})")
     print(text_table(TABLE_COLUMNS, table_rows(result)))
-    if result["vanilla_drift"] is not None:
-        print(f"vanilla run-to-run drift: {result['vanilla_drift'] * 100:+.1f}% (A_O within that is noise)")
+    print(noise_line(result))
     t = result["targets"]
     genmix = result["A_O"].get("onlineaug genmix")
     if t["applies"] and genmix is not None:
-        print(f"target: A_O <= {t['A_O_max'] * 100:.0f}% for online GenMix: {'met' if t['met'] else 'NOT met'} "
-              f"({genmix * 100:+.1f}%)")
+        if not t["resolvable"]:
+            floor = "n/a" if result["noise_floor"] is None else f"{result['noise_floor'] * 100:.1f}%"
+            print(f"target: A_O <= {t['A_O_max'] * 100:.0f}% for online GenMix: cannot tell ({genmix * 100:+.1f}%, "
+                  f"noise floor {floor}); run more --steps or --rounds")
+        else:
+            print(f"target: A_O <= {t['A_O_max'] * 100:.0f}% for online GenMix: {'met' if t['met'] else 'NOT met'} "
+                  f"({genmix * 100:+.1f}%)")
     for note in result["notes"]:
         print(f"note: {note}")
 

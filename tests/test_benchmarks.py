@@ -171,26 +171,98 @@ def test_overhead_smoke(tmp_path, device, capsys):
     assert (tmp_path / "overhead.png").stat().st_size > 0
     _check_environment(data)
     names = [r["provider"] for r in data["providers"]]
-    assert names == ["vanilla", "onlineaug genmix", "onlineaug cutmix", "torchvision CutMix", "timm Mixup (mixup)",
-                     "vanilla (again)"]
+    assert names == ["vanilla", "onlineaug genmix", "onlineaug cutmix", "torchvision CutMix", "timm Mixup (mixup)"]
     settings = data["settings"]
+    assert settings["rounds"] == 2
+    vanilla_runs = data["vanilla_runs_seconds"]
+    assert len(vanilla_runs) == 2 and data["vanilla_seconds"] == pytest.approx(sum(vanilla_runs) / 2)
+    assert data["noise_floor"] == pytest.approx((max(vanilla_runs) - min(vanilla_runs)) / data["vanilla_seconds"])
     for row in data["providers"]:
-        for key in ("seconds", "steps_per_s", "images_per_s", "A_O", "generated_share", "fresh", "reused", "misses"):
+        for key in ("seconds", "steps_per_s", "images_per_s", "A_O", "generated_share", "fresh", "reused", "misses",
+                    "runs_seconds", "within_noise"):
             assert key in row
+        assert len(row["runs_seconds"]) == 2 and row["seconds"] == pytest.approx(sum(row["runs_seconds"]) / 2)
         assert row["steps_per_s"] > 0
         assert row["images_per_s"] == pytest.approx(row["steps_per_s"] * settings["batch_size"])
         assert data["A_O"][row["provider"]] == row["A_O"]
-    # T_van is the mean of the two vanilla runs: their A_O cancel out
-    assert data["providers"][0]["A_O"] + data["providers"][-1]["A_O"] == pytest.approx(0, abs=1e-9)
+        assert row["within_noise"] == overhead.within_noise(row["runs_seconds"], vanilla_runs, row["A_O"],
+                                                            data["noise_floor"])
+    assert data["providers"][0]["A_O"] == pytest.approx(0, abs=1e-9)  # T_van is the mean of the vanilla runs
     genmix = data["providers"][1]
-    assert genmix["generated"] + genmix["real"] == settings["steps"] * settings["batch_size"]
+    assert genmix["generated"] + genmix["real"] == 2 * settings["steps"] * settings["batch_size"]  # both rounds
     assert genmix["fresh"] + genmix["reused"] == genmix["generated"]  # every generated serve is one or the other
     assert 0 <= genmix["generated_share"] <= 1 and genmix["misses"] >= 0
     assert data["headline"]["provider"] == "onlineaug genmix"
     assert data["providers"][2]["generated_share"] == 0  # cutmix: batch-time only
     assert data["providers"][3]["fresh"] is None  # torchvision: no pool
-    assert "| onlineaug genmix |" in md.read_text()
-    assert "A_O" in capsys.readouterr().out
+    text = md.read_text()
+    assert "| onlineaug genmix |" in text and "noise floor:" in text
+    out = capsys.readouterr().out
+    assert "A_O" in out and "round 2/2 vanilla" in out and "noise floor:" in out
+
+
+# --------------------------------------------------------------------------------- noise floor, no training
+def fake_result(vanilla, others, *, applies=False):
+    """An overhead result from run times alone, through the benchmark's own combining code."""
+    from benchmarks import overhead
+
+    settings = {"steps": 10, "batch_size": 4, "rounds": len(vanilla), "model": "small-cnn", "image_size": 32,
+                "generator_devices": ["cpu"], "generator": "tiny", "p_aug": 0.5, "max_reuse": 8}
+    base = {"gpu_seconds": None, "loader_wait_ms_per_step": 1.0, "final_loss": 2.0, "generated_share": None}
+    rows = []
+    for name, kind, runs in [("vanilla", "vanilla", vanilla), *others]:
+        row = overhead.combine_runs([{**base, "provider": name, "kind": kind, "seconds": t} for t in runs], settings)
+        rows.append(row)
+    t_van = sum(vanilla) / len(vanilla)
+    noise = overhead.noise_floor(vanilla)
+    for row in rows:
+        row["A_O"] = (row["seconds"] - t_van) / t_van
+        row["runs_A_O"] = [(t - t_van) / t_van for t in row["runs_seconds"]]
+        row["within_noise"] = overhead.within_noise(row["runs_seconds"], vanilla, row["A_O"], noise)
+    return {"providers": rows, "noise_floor": noise, "vanilla_runs_seconds": vanilla, "settings": settings,
+            "device": "cpu", "targets": {"applies": applies}}
+
+
+def test_noise_floor_is_the_spread_of_vanilla_against_itself():
+    from benchmarks import overhead
+
+    assert overhead.noise_floor([1.0, 1.1]) == pytest.approx(0.1 / 1.05)
+    assert overhead.noise_floor([2.0, 1.0, 1.5]) == pytest.approx(1.0 / 1.5)
+    assert overhead.noise_floor([1.0]) is None  # one round cannot tell noise from overhead
+
+
+def test_an_a_o_inside_the_noise_floor_or_straddling_vanilla_is_within_noise():
+    from benchmarks import overhead
+
+    result = fake_result([1.0, 1.1], [("inside", "onlineaug", [1.11, 1.13]),  # A_O +6.7% < floor 9.5%
+                                      ("above", "tv", [1.3, 1.4]),  # +28.6%, its runs clear of vanilla's
+                                      ("unstable", "timm", [0.7, 1.9])])  # +23.8%, but its runs straddle vanilla's
+    verdicts = {r["provider"]: overhead.noise_verdict(r) for r in result["providers"]}
+    assert verdicts == {"vanilla": "(the floor)", "inside": "within noise", "above": "above noise",
+                        "unstable": "within noise"}
+    assert result["providers"][1]["A_O"] == pytest.approx(1.12 / 1.05 - 1)
+    assert "noise floor: 9.5%" in overhead.noise_line(result) and "1, 1.1 s" in overhead.noise_line(result)
+    single = fake_result([1.0], [("x", "tv", [1.5])])
+    assert overhead.noise_verdict(single["providers"][1]) == "n/a (1 round)"
+    assert "n/a (one round" in overhead.noise_line(single)
+
+
+def test_the_plot_draws_the_noise_band_and_the_target_line():
+    from benchmarks import overhead
+
+    result = fake_result([1.0, 1.1], [("inside", "onlineaug", [1.11, 1.13]), ("above", "tv", [1.3, 1.4])])
+    fig, ax = overhead.figure(result)
+    try:
+        band = [p for p in ax.patches if "noise floor" in p.get_label()]
+        assert len(band) == 1
+        floor = result["noise_floor"] * 100  # axvspan: a rectangle over the whole height from -floor to +floor
+        assert band[0].get_x() == pytest.approx(-floor) and band[0].get_width() == pytest.approx(2 * floor)
+        target = [line for line in ax.get_lines() if line.get_label().startswith("target A_O 2%")]
+        assert len(target) == 1 and list(target[0].get_xdata()) == [2.0, 2.0]
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert "inside: +6.7%, within noise" in labels and "above: +28.6%" in labels
+    finally:
+        overhead.common.pyplot().close(fig)
 
 
 @pytest.mark.slow
