@@ -28,8 +28,9 @@ setup(
         # triton ships with the CUDA builds of torch; kornia/timm/torchvision are the baselines and helpers
         "kernels": ["triton>=3.6"],
         "bench": ["kornia>=0.7", "timm>=1.0", "torchvision>=0.19", "matplotlib>=3.7"],
+        # pytorch-lightning: examples/lightning_datamodule.py, run by the tests
         "dev": ["pytest>=8", "pytest-timeout>=2", "kornia>=0.7", "timm>=1.0", "torchvision>=0.19",
-                "matplotlib>=3.7"],
+                "matplotlib>=3.7", "pytorch-lightning>=2.4"],
     },
     entry_points={"console_scripts": ["onlineaug=onlineaug.__main__:main"]},
 )
