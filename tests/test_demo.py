@@ -1,6 +1,7 @@
 """python -m onlineaug demo: the table's figures, preview.png (DiffuseMix Fig. 4 rows) and metrics.json."""
 
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -15,6 +16,8 @@ def test_demo_writes_the_preview_and_metrics(tmp_path, capsys):
                  "--warmup", "4", "--pool-size", "16", "--num-workers", "0", "--out", str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "overhead A_O = (T_aug-T_van)/T_van" in text and "generated share" in text and "misses" in text
+    assert "onlineaug demo: recipe genmix," in text and "online genmix steps/s" in text  # the recipe that ran
+    assert re.search(r"^\s+recipe\s+genmix \(Islam et al\., GenMix", text, re.MULTILINE)
 
     metrics = json.loads((out / "metrics.json").read_text())
     vanilla, augmented = metrics["vanilla"]["seconds"], metrics["augmented"]["seconds"]
