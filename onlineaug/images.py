@@ -119,8 +119,8 @@ def _ambiguous(index: int, value, kind: str) -> ValueError:
 
 
 def _chw_tensor(image: torch.Tensor, index: int) -> torch.Tensor:
-    if image.ndim == 2:
-        image = image[None]
+    if image.ndim == 2 and min(image.shape) >= 1:  # (H, W): one layout only
+        return image[None]
     if image.ndim != 3 or min(image.shape) < 1:
         raise TypeError(f"dataset item {index}: expected an image tensor of shape (C, H, W) with C in "
                         f"{CHANNEL_COUNTS}, got {_describe(image)}")
@@ -137,11 +137,12 @@ def _chw_tensor(image: torch.Tensor, index: int) -> torch.Tensor:
 
 
 def _chw_from_array(given: np.ndarray, index: int) -> torch.Tensor:
-    array = given[:, :, None] if given.ndim == 2 else given
+    array = given[:, :, None] if given.ndim == 2 else given  # (H, W): one layout only
     if array.ndim != 3 or min(array.shape) < 1:
         raise TypeError(f"dataset item {index}: expected an image, got {_describe(given)}; NumPy images must be "
                         f"(H, W) or (H, W, C) with C in {CHANNEL_COUNTS}")
-    first, last = array.shape[0] in CHANNEL_COUNTS, array.shape[-1] in CHANNEL_COUNTS
+    first = given.ndim == 3 and array.shape[0] in CHANNEL_COUNTS
+    last = array.shape[-1] in CHANNEL_COUNTS
     if first and last:
         raise _ambiguous(index, array, "array")
     if first:

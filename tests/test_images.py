@@ -52,7 +52,7 @@ def test_a_float_pil_image_in_0_1_is_scaled_by_255_not_truncated_to_black():
     (Image.fromarray(np.full((4, 4), 2.0, np.float32)), r"a PIL image of mode 'F' \(32-bit float\) must hold values "
                                                         r"in \[0, 1\], got \[2, 2\]"),
     (Image.fromarray(np.full((4, 4), 70000, np.int32)), r"a PIL image of mode 'I' \(32-bit integers\) holds values in "
-                                                        r"\[70000, 70000\], outside the 16-bit range.*convert it to 'L'"),
+                                                        r"\[70000, 70000\], outside the 16-bit range.*to 'L'"),
     (Image.fromarray(np.full((4, 4), -1, np.int32)), r"a PIL image of mode 'I' .* holds values in \[-1, -1\]"),
     (Image.new("La", (4, 4)), r"a PIL image of mode 'La' could not be converted to RGB"),
 ])
@@ -91,6 +91,9 @@ def test_tensors_are_read_as_chw_and_arrays_as_hwc():
     assert torch.equal(image_to_uint8(hwc[..., :1], 0), chw[:1].expand(3, -1, -1))  # (H, W, 1)
     assert torch.equal(image_to_uint8(chw[0], 0), chw[:1].expand(3, -1, -1))  # (H, W) tensor
     assert torch.equal(image_to_uint8(hwc[..., 0], 0), chw[:1].expand(3, -1, -1))  # (H, W) array
+    narrow = torch.randint(0, 256, (3, 4), dtype=torch.uint8)  # (H, W) has one layout, even 3 x 4
+    assert torch.equal(image_to_uint8(narrow, 0), narrow[None].expand(3, -1, -1))
+    assert torch.equal(image_to_uint8(narrow.numpy(), 0), narrow[None].expand(3, -1, -1))
 
 
 @pytest.mark.parametrize("height", [1, 3, 4])
