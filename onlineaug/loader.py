@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from onlineaug.batching import BatchAssembler, prefetch_batches
 from onlineaug.checks import Checks
 from onlineaug.devices import parse_device
-from onlineaug.images import UInt8ImageDataset
+from onlineaug.images import DEFAULT_RESIZE, RESIZE_MODES, EpochTaggedSampler, ItemFormat, UInt8ImageDataset, load_label
 from onlineaug.models import LoadPolicy, ensure_available, resolve_models
 from onlineaug.pool import PoolSpec, SamplePool, check_shm_capacity
 from onlineaug.producer import ProducerSettings, counter_names, fingerprint_bytes, prepare_cache_key, reject_reasons
@@ -118,14 +118,27 @@ class OnlineGenAugLoader:
     """Iterate ``(images, targets)`` batches with online generative augmentation.
 
     Args:
-        dataset: a map-style dataset of ``(image, label)`` items: PIL images, uint8 (3,H,W) tensors, float
-            (3,H,W) tensors in [0,1] or uint8 (H,W,3) arrays. It must be picklable (it is sent to the
-            producer processes, like to DataLoader workers under spawn).
+        dataset: a map-style dataset of ``(image, label)`` items, or of dicts (Hugging Face ``datasets`` rows)
+            read with ``image_key``/``label_key``. Images follow torchvision's layouts: PIL images (8-bit and
+            16-bit modes, float mode F in [0, 1]), (C,H,W) tensors, (H,W,C) or (H,W) arrays; uint8, uint16 or
+            float in [0, 1] (see :mod:`onlineaug.images`). It must be picklable (it is sent to the producer
+            processes, like to DataLoader workers under spawn).
+        image_key, label_key: the image and label columns of dict items (default ``"image"``/``"label"``, as
+            in Hugging Face image datasets).
         recipe: a registered recipe name (``onlineaug.recipes.available_recipes()``) or a ``Recipe``.
         num_classes: number of classes; targets are (B, num_classes) soft labels whose rows sum to 1.
         batch_size, shuffle, drop_last, num_workers, sampler, pin_memory: as for ``DataLoader`` (``shuffle``
             defaults to True without a sampler). Producers start only from indices the sampler can yield.
-        image_size: training size; every image is resized to ``image_size`` x ``image_size``.
+        image_size: training size; every image becomes image_size x image_size.
+        resize: how an item becomes that square, with torchvision's semantics: ``"random_resized_crop"``
+            (``RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3))``, seeded by seed, rank, epoch and index),
+            ``"center_crop"`` (``Resize`` the shorter side, then ``CenterCrop``) or ``"squash"`` (the whole
+            image, aspect ratio not kept). The default is ``"random_resized_crop"`` because it is the training
+            crop of both torchvision's ImageNet reference recipe and timm's training transforms (the papers'
+            baselines train with it); use ``"center_crop"`` for evaluation, and ``"squash"`` when the dataset's
+            own transforms already crop (it is a no-op on images already at image_size). Producers cut each
+            source item with the same geometry (one box, resized to the generation size and the training
+            size), so generated and real rows match.
         generator: the recipe's main model (``recipe.main_role``): ``"tiny"`` (random weights built in
             process), ``"full-random"`` (full size, random weights: benchmarks), a hub id or a local folder.
         models: ``{role: source}`` for any of the recipe's model roles (``recipe.model_roles()``): a source
@@ -180,7 +193,8 @@ class OnlineGenAugLoader:
                  restart_window_s: float = 3600.0, heartbeat_timeout_s: float = 300.0,
                  startup_timeout_s: float = 1800.0, out_dtype: torch.dtype = torch.float32, backend: str = "auto",
                  prefetch: int = 1, rank: int | None = None, progress: bool = True, return_info: bool = False,
-                 cache_dir: str | os.PathLike | None = None):
+                 cache_dir: str | os.PathLike | None = None, resize: str = DEFAULT_RESIZE,
+                 image_key: str = "image", label_key: str = "label"):
         check = _CHECK
         if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
             raise TypeError(f"dataset must be a map-style dataset (with __getitem__ and __len__), got "
@@ -212,6 +226,9 @@ class OnlineGenAugLoader:
         self.return_info = check.boolean("return_info", return_info)
         drop_last = check.boolean("drop_last", drop_last)
         self.rank = _checked_rank(rank)
+        self.item_format = ItemFormat(image_key=check.text("image_key", image_key),
+                                      label_key=check.text("label_key", label_key),
+                                      resize=check.choice("resize", resize, RESIZE_MODES))
         self.cache_dir = None if cache_dir is None else os.path.abspath(os.fspath(cache_dir))
         known = getattr(dataset, "classes", None)
         if isinstance(known, (list, tuple)) and len(known) != num_classes:
@@ -283,12 +300,16 @@ class OnlineGenAugLoader:
                 raise TypeError(f"the dataset must be picklable to reach the producer processes (as for "
                                 f"DataLoader workers under spawn): {error}") from error
             if self.recipe.needs_labels:
-                self._labels = dataset_labels(dataset, self.num_classes, progress=self.progress)
+                fmt = self.item_format
+                self._labels = dataset_labels(dataset, self.num_classes, progress=self.progress,
+                                              label_of=lambda data, index: load_label(data, index, num_classes, fmt))
 
         pin = self.device.type == "cuda" if pin_memory is None else check.boolean("pin_memory", pin_memory)
+        self._item_sampler = EpochTaggedSampler(sampler)  # each index reaches its worker with the epoch
         self._dataloader = DataLoader(
-            UInt8ImageDataset(dataset, self.image_size, self.num_classes), batch_size=self.batch_size,
-            sampler=sampler, num_workers=num_workers, pin_memory=pin, drop_last=drop_last,
+            UInt8ImageDataset(dataset, self.image_size, self.num_classes, self.item_format, seed=self.seed,
+                              rank=self.rank), batch_size=self.batch_size,
+            sampler=self._item_sampler, num_workers=num_workers, pin_memory=pin, drop_last=drop_last,
             persistent_workers=num_workers > 0)
         if drop_last and len(self._dataloader) == 0:
             warnings.warn(f"drop_last=True with batch_size={batch_size} larger than the {len(sampler)} samples the "
@@ -388,7 +409,7 @@ class OnlineGenAugLoader:
             recipe=self.recipe, dataset=self.dataset, num_classes=self.num_classes, class_names=self.class_names,
             image_size=self.image_size, batch_size=self.generator_batch_size, seed=self.seed,
             trainer_rank=self.rank, roles=self.roles, specs=self.specs, policy=self.policy,
-            pool_fields=self.recipe.pool_fields(self.image_size), labels=self._labels)
+            pool_fields=self.recipe.pool_fields(self.image_size), labels=self._labels, item_format=self.item_format)
         key = prepare_cache_key(settings, fingerprint_bytes(self._dataset_bytes), sources)
         if key is not None:
             settings.prepared_path = os.path.join(report_dir, "prepared.pt")
@@ -476,6 +497,7 @@ class OnlineGenAugLoader:
         if self.generative and epoch_dependent(self.sampler):
             self._publish_sources()
         self._sampler_generator.manual_seed(derive_seed(self.seed, "sampler", self.rank, self.epoch))
+        self._item_sampler.epoch = self.epoch  # seeds this epoch's random crops
         coins = numpy_generator(self.seed, "replace", self.rank, self.epoch)
         params_generator = torch_generator(self.seed, "params", self.rank, self.epoch, device=self.device)
         assembler = self._assembler

@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from onlineaug.images import load_image, resize_uint8
+from onlineaug.images import NO_BOX, ItemFormat, crop_box, crop_resize, load_image
 from onlineaug.models import LoadPolicy, ModelRole, ModelSpec, describe_model, load_model
 from onlineaug.pool import Field
 from onlineaug.recipes.base import DROPPED, NON_FINITE, Jobs, ProducerContext, Produced, Recipe, SourceBatch
@@ -60,6 +60,7 @@ class ProducerSettings:
     labels: np.ndarray | None = None  # every dataset item's label, when the recipe draws by class
     prepared_path: str | None = None  # where the prepared state is shared (None: the recipe prepares nothing)
     prepare_cache_path: str | None = None  # the on-disk cache file for it (None: no cache)
+    item_format: ItemFormat = dataclasses.field(default_factory=ItemFormat)  # dict keys, crop geometry
 
 
 def reject_reasons(recipe: Recipe) -> tuple[str, ...]:
@@ -79,7 +80,8 @@ def prepare_cache_key(settings: ProducerSettings, dataset_fingerprint: str, sour
     models = {role: (describe_model(settings.roles[role], spec), dataclasses.asdict(spec))
               for role, spec in settings.specs.items()}
     text = repr((settings.recipe.name, sorted(key.items()), dataset_fingerprint, sources.fingerprint(),
-                 sorted(models.items()), settings.image_size, settings.seed))
+                 sorted(models.items()), settings.image_size, settings.seed,
+                 sorted(dataclasses.asdict(settings.item_format).items())))
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
@@ -105,6 +107,8 @@ class Producer:
             generator=torch_generator(settings.seed, role, rank, generation, device=self.device),
             rng=numpy_generator(settings.seed, f"{role}/jobs", rank, generation), dataset=settings.dataset)
         self.context.state = self._prepared_state()
+        # random crops of source images (resize="random_resized_crop"): a seeded stream per producer and restart
+        self._crop_rng = numpy_generator(settings.seed, f"{role}/crops", rank, generation)
         self._retries: collections.deque[tuple[Jobs, int]] = collections.deque()  # (one job, attempts so far)
         self.counts = collections.Counter()
 
@@ -150,23 +154,29 @@ class Producer:
         return jobs, np.array(attempts + [0] * (count - len(retried)), dtype=np.int64)
 
     def _load_sources(self, jobs: Jobs, attempts: np.ndarray) -> SourceBatch:
+        """Each job's source item, cropped once as a real sample is (``settings.item_format.resize``): the same
+        box resized to the generation size (``images``) and to the training size (``originals``)."""
         settings, size = self.settings, self.recipe.generation_size or self.settings.image_size
-        images, originals, labels = [], [], []
+        fmt = settings.item_format
+        images, originals, labels, crops = [], [], [], []
         for index in jobs.indices.tolist():
             if index < 0:  # a job without a source image (text-to-image)
                 images.append(torch.zeros(3, size, size, dtype=torch.uint8))
                 originals.append(torch.zeros(3, settings.image_size, settings.image_size, dtype=torch.uint8))
                 labels.append(-1)
+                crops.append(NO_BOX)
                 continue
-            image, label = load_image(settings.dataset, index, settings.num_classes)
-            images.append(resize_uint8(image, size))
-            originals.append(resize_uint8(image, settings.image_size))
+            image, label = load_image(settings.dataset, index, settings.num_classes, fmt)
+            box = crop_box(image.shape[-2], image.shape[-1], fmt.resize, self._crop_rng)
+            images.append(crop_resize(image, box, size))
+            originals.append(crop_resize(image, box, settings.image_size))
             labels.append(label)
+            crops.append(box)
         return SourceBatch(
             images=torch.stack(images).to(self.device), originals=torch.stack(originals),
             labels=torch.tensor(labels, dtype=torch.int64), indices=torch.from_numpy(jobs.indices.copy()),
             values={k: torch.as_tensor(np.asarray(v)) for k, v in jobs.values.items()},
-            attempts=torch.from_numpy(attempts))
+            attempts=torch.from_numpy(attempts), crops=torch.tensor(crops, dtype=torch.int64).reshape(-1, 4))
 
     # ------------------------------------------------------------------------------------------- step
     def step(self) -> dict[str, np.ndarray]:

@@ -99,7 +99,9 @@ class SourceBatch:
     indices: torch.Tensor  # int64 (n,): dataset indices
     values: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # the jobs' values, (n, ...)
     attempts: torch.Tensor | None = None  # int64 (n,): 0 for a new job, k for its k-th regeneration
-    crops: torch.Tensor | None = None  # int64 (n, 4): (top, left, height, width) of each image in its item
+    # int64 (n, 4): (top, left, height, width) of the box of its item each image was cut from (the loader's
+    # resize geometry, the same for images and originals); (0, 0, 0, 0) for rows without a source image
+    crops: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
