@@ -4,6 +4,8 @@ The ground truth is :class:`~onlineaug.datasets.SyntheticShapes`: its exact fore
 shapes drawn in one colour.
 """
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -466,3 +468,112 @@ def test_a_lone_pooled_row_uses_its_own_background_and_no_second_cdp(shapes, dev
     images, targets, info = recipe.apply(batch, params, ctx)
     assert torch.equal(targets[1], F.one_hot(torch.tensor(1), 6).float().to(device))
     assert info["visible"][1, 0] > 0
+
+
+# ------------------------------------------------------------------ producing with the dataset's masks
+class ShapesWithMisses(SyntheticShapes):
+    """SyntheticShapes whose items ``index % 5 == 4`` have no object for the segmenter (an empty mask)."""
+
+    def foreground_mask(self, index):
+        mask = super().foreground_mask(index)
+        return torch.zeros_like(mask) if index % 5 == 4 else mask
+
+
+def dataset_models(dataset, tiny_img2img):
+    from onlineaug.models import load_model
+
+    segmenter = load_model(get_recipe("deda", segmenter="dataset").model_roles()["segmenter"], ModelSpec("dataset"),
+                           device="cpu", dataset=dataset)
+    return {"edit": Recording(tiny_img2img), "segmenter": segmenter}
+
+
+def source_batch(dataset, indices, generation):
+    from onlineaug.images import resize_uint8
+
+    images = torch.stack([image_of(dataset, i) for i in indices])
+    return SourceBatch(images=resize_uint8(images, generation), originals=images,
+                       labels=torch.tensor([dataset[i][1] for i in indices]), indices=torch.tensor(indices))
+
+
+@pytest.mark.parametrize("generation", [SIZE, 2 * SIZE])
+def test_produce_writes_the_true_cdp_the_cip_and_k_edits_per_index(shapes, tiny_img2img, generation):
+    recipe = get_recipe("deda", segmenter="dataset", generation_size=generation, num_inference_steps=3)
+    models = dataset_models(shapes, tiny_img2img)
+    ctx = standalone_context(num_classes=6, image_size=SIZE, dataset=shapes, class_names=shapes.classes, seed=0)
+    indices = [3, 3, 3, 10]
+    produced = recipe.produce(models, source_batch(shapes, indices, generation), ctx)
+    assert produced.rejected == {} and torch.equal(produced.rows, torch.arange(4))
+    payload = produced.payload
+    for name, field in recipe.pool_fields(SIZE).items():
+        assert tuple(payload[name].shape) == (4, *field.shape) and str(payload[name].dtype) == f"torch.{field.dtype}"
+    assert payload["index"].tolist() == indices and payload["label"].tolist() == [3, 3, 3, 4]
+    for row, index in enumerate(indices):
+        entry = entry_of(shapes, index)
+        mask = shapes.foreground_mask(index)
+        top, left, side = entry.box
+        # the box is exact at the mask's own size; at twice that, centring the square rounds to a finer pixel
+        box = torch.tensor([top, left, top + side, left + side], dtype=torch.float32) / SIZE
+        torch.testing.assert_close(payload["fg_box"][row], box, rtol=0, atol=1e-7 if generation == SIZE else 1 / generation)
+        assert float(payload["fg_area"][row]) == pytest.approx(entry.area, abs=1e-7)
+        assert torch.equal(payload["background"][row], entry.background)  # the CIP of the true mask
+        assert torch.equal(payload["fg_syn"][row, 3], payload["fg_real"][row, 3])
+        if generation == SIZE:
+            assert torch.equal(payload["fg_real"][row], cdp_rgba(image_of(shapes, index), entry, SIZE))
+        assert int((payload["fg_real"][row, 3] > 127).sum()) == pytest.approx(
+            int(mask.sum()) * (SIZE / side) ** 2, rel=0.1)
+    assert torch.equal(payload["fg_real"][0], payload["fg_real"][2])
+    assert not torch.equal(payload["fg_syn"][0], payload["fg_syn"][1])  # K different edits of one CDP
+    (call,) = models["edit"].calls
+    assert call["image"].shape == (4, 3, generation, generation)  # edited at the generation size
+    assert call["prompt"] == ["a photo of a cross"] * 3 + ["a photo of a ring"]
+
+
+def test_segmentation_and_cip_run_once_per_index(shapes, tiny_img2img, tmp_path):
+    recipe = get_recipe("deda", segmenter="dataset", num_inference_steps=2)
+    models = dataset_models(shapes, tiny_img2img)
+    filled = []
+    fill_background = recipe.fill_background
+    recipe.fill_background = lambda models, images, *rest: filled.append(len(images)) or \
+        fill_background(models, images, *rest)
+    ctx = standalone_context(num_classes=6, image_size=SIZE, dataset=shapes, class_names=shapes.classes,
+                             cache_dir=str(tmp_path / "index"))
+    recipe.produce(models, source_batch(shapes, [1, 1, 2, 1], SIZE), ctx)
+    assert models["segmenter"].calls == 2 and filled == [2]  # one segmentation and one CIP per distinct index
+    recipe.produce(models, source_batch(shapes, [2, 5, 1, 5], SIZE), ctx)
+    assert models["segmenter"].calls == 3 and filled == [2, 1]  # only index 5 is new
+    cache = recipe.index_cache(ctx)
+    assert cache.computed == 3 and len(cache) == 3
+    assert sorted(os.listdir(tmp_path / "index")) == ["1.pt", "2.pt", "5.pt"]
+    # a new producer (another process, a restart, the next run) reads them back instead of segmenting
+    again = get_recipe("deda", segmenter="dataset", num_inference_steps=2)
+    ctx = standalone_context(num_classes=6, image_size=SIZE, dataset=shapes, class_names=shapes.classes,
+                             cache_dir=str(tmp_path / "index"))
+    models = dataset_models(shapes, tiny_img2img)
+    produced = again.produce(models, source_batch(shapes, [5, 2], SIZE), ctx)
+    assert models["segmenter"].calls == 0 and again.index_cache(ctx).loaded == 2
+    assert torch.equal(produced.payload["background"][0], entry_of(shapes, 5).background)
+
+
+def test_images_without_an_object_are_seg_misses_and_write_no_slot(tiny_img2img):
+    dataset = ShapesWithMisses(num_classes=6, size=SIZE, length=20, seed=0)
+    recipe = get_recipe("deda", segmenter="dataset", num_inference_steps=2)
+    models = dataset_models(dataset, tiny_img2img)
+    ctx = standalone_context(num_classes=6, image_size=SIZE, dataset=dataset, class_names=dataset.classes)
+    produced = recipe.produce(models, source_batch(dataset, [4, 1, 9, 4], SIZE), ctx)
+    assert produced.rows.tolist() == [1] and produced.rejected[SEG_MISSES].tolist() == [0, 2, 3]
+    assert produced.payload["index"].tolist() == [1] and len(models["edit"].calls[0]["prompt"]) == 1
+    produced = recipe.produce(models, source_batch(dataset, [9, 14], SIZE), ctx)
+    assert produced.rows.tolist() == [] and produced.rejected[SEG_MISSES].tolist() == [0, 1]
+    assert all(len(value) == 0 for value in produced.payload.values())
+    assert models["segmenter"].calls == 4  # misses are cached too: 4, 1, 9, then 14
+    assert len(models["edit"].calls) == 1  # nothing to edit in the second batch
+
+
+def test_pickling_the_recipe_leaves_its_cache_behind(shapes, tiny_img2img):
+    import pickle
+
+    recipe = get_recipe("deda", segmenter="dataset", num_inference_steps=2)
+    ctx = standalone_context(num_classes=6, image_size=SIZE, dataset=shapes, class_names=shapes.classes)
+    recipe.produce(dataset_models(shapes, tiny_img2img), source_batch(shapes, [0], SIZE), ctx)
+    assert len(recipe.index_cache(ctx)) == 1
+    assert pickle.loads(pickle.dumps(recipe))._cache is None
