@@ -567,6 +567,14 @@ def test_images_without_an_object_are_seg_misses_and_write_no_slot(tiny_img2img)
     assert all(len(value) == 0 for value in produced.payload.values())
     assert models["segmenter"].calls == 4  # misses are cached too: 4, 1, 9, then 14
     assert len(models["edit"].calls) == 1  # nothing to edit in the second batch
+    # the producer accepts a batch where every row is a miss, and counts them
+    from types import SimpleNamespace
+
+    from onlineaug.producer import Producer
+
+    producer = SimpleNamespace(recipe=recipe, settings=SimpleNamespace(pool_fields=recipe.pool_fields(SIZE)))
+    rows, host, rejected = Producer._check(producer, produced, 2)
+    assert len(rows) == 0 and rejected == {SEG_MISSES: [0, 1]} and all(len(v) == 0 for v in host.values())
 
 
 def test_pickling_the_recipe_leaves_its_cache_behind(shapes, tiny_img2img):
@@ -577,3 +585,42 @@ def test_pickling_the_recipe_leaves_its_cache_behind(shapes, tiny_img2img):
     recipe.produce(dataset_models(shapes, tiny_img2img), source_batch(shapes, [0], SIZE), ctx)
     assert len(recipe.index_cache(ctx)) == 1
     assert pickle.loads(pickle.dumps(recipe))._cache is None
+
+
+# ------------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
+def test_deda_end_to_end_with_a_real_producer_and_the_datasets_masks(tmp_path, device):
+    from onlineaug import OnlineGenAugLoader
+
+    dataset = ShapesWithMisses(num_classes=6, size=SIZE, length=30, seed=0)
+    loader = OnlineGenAugLoader(
+        dataset, recipe="deda", num_classes=6, batch_size=10, image_size=SIZE, generator="tiny", device=device,
+        recipe_options={"segmenter": "dataset", "num_inference_steps": 2, "p_mix": 1.0}, p_aug=0.6, pool_size=12,
+        max_reuse=4, warmup=6, generator_batch_size=3, num_workers=0, seed=0, return_info=True, progress=False,
+        cache_dir=tmp_path)
+    assert loader.recipe.generation_size == SIZE  # the tiny generator works at the training size
+    with loader:
+        batches = [batch for _, batch in zip(range(4), loader)]
+        stats = loader.stats()
+    generated_rows = 0
+    eye = torch.eye(6, device=device)
+    for images, targets, info in batches:
+        assert images.shape == (10, 3, SIZE, SIZE) and torch.isfinite(images).all()
+        torch.testing.assert_close(targets.sum(1), torch.ones(10, device=device))
+        generated = info["generated"]
+        generated_rows += int(generated.sum())
+        labels, second = info["label"], info["second_label"]
+        assert (info["index"][generated] % 5 != 4).all()  # a seg miss never reaches the pool
+        assert torch.equal(targets[~generated], eye[labels[~generated]])
+        visible = info["visible"]
+        assert (visible[generated, 0] + visible[generated, 1] > 0).all()
+        weights = area_weights(visible, second >= 0)
+        expected = weights[:, :1] * eye[labels] + weights[:, 1:] * eye[torch.where(second >= 0, second, labels)]
+        torch.testing.assert_close(targets[generated], expected[generated])
+        mixed = second >= 0
+        assert (second[mixed] != labels[mixed]).all() and not mixed[~generated].any()
+    assert generated_rows >= 6
+    assert stats["rejected"]["seg_misses"] >= 1 and stats["producer_restarts"] == 0
+    (folder,) = [p for p in (tmp_path / "prepared").iterdir() if p.name.startswith("deda-index-")]
+    cached = {int(name.split(".")[0]) for name in os.listdir(folder)}
+    assert cached and any(i % 5 == 4 for i in cached) and any(i % 5 != 4 for i in cached)
