@@ -591,6 +591,7 @@ def test_pickling_the_recipe_leaves_its_cache_behind(shapes, tiny_img2img):
 @pytest.mark.slow
 def test_deda_end_to_end_with_a_real_producer_and_the_datasets_masks(tmp_path, device):
     from onlineaug import OnlineGenAugLoader
+    from onlineaug.demo import write_preview
 
     dataset = ShapesWithMisses(num_classes=6, size=SIZE, length=30, seed=0)
     loader = OnlineGenAugLoader(
@@ -602,6 +603,10 @@ def test_deda_end_to_end_with_a_real_producer_and_the_datasets_masks(tmp_path, d
     with loader:
         batches = [batch for _, batch in zip(range(4), loader)]
         stats = loader.stats()
+        previewed = write_preview(loader, tmp_path / "preview.png", count=3, tile=32)
+    from PIL import Image
+
+    assert previewed == 3 and Image.open(tmp_path / "preview.png").size == (90 + 32 * 3, 32 * 6)
     generated_rows = 0
     eye = torch.eye(6, device=device)
     for images, targets, info in batches:
@@ -624,3 +629,30 @@ def test_deda_end_to_end_with_a_real_producer_and_the_datasets_masks(tmp_path, d
     (folder,) = [p for p in (tmp_path / "prepared").iterdir() if p.name.startswith("deda-index-")]
     cached = {int(name.split(".")[0]) for name in os.listdir(folder)}
     assert cached and any(i % 5 == 4 for i in cached) and any(i % 5 != 4 for i in cached)
+
+
+def test_preview_rows_show_the_decoupling_of_each_sample(shapes, device):
+    recipe = get_recipe("deda")
+    batch = make_batch(shapes, [0, 7, 9], [True, True, True], device)
+    samples = [{name: value[row].cpu().numpy() for name, value in batch.fields.items() if name != "image"}
+               for row in range(3)]
+    rows = recipe.preview_rows(samples, shapes, batch_context(device), torch.Generator(device).manual_seed(0))
+    assert list(rows) == ["original", "mask", "CIP", "CDP", "edited CDP", "composite"]
+    for row, index in enumerate([0, 7, 9]):
+        assert torch.equal((rows["original"][row] * 255).round().byte(), image_of(shapes, index))
+        mask = shapes.foreground_mask(index)
+        assert float(((rows["mask"][row] > 0.5) != mask).float().mean()) < 0.03  # the alpha back in its frame
+        assert torch.equal((rows["CIP"][row] * 255).round().byte(), batch.fields["background"][row].cpu())
+        assert rows["composite"][row].shape == (3, SIZE, SIZE) and 0 <= float(rows["composite"][row].min())
+
+
+def test_the_demo_reads_recipe_options_as_json_or_text():
+    import argparse
+
+    from onlineaug.demo import _recipe_option
+
+    assert _recipe_option("p_mix=0.25") == ("p_mix", 0.25)
+    assert _recipe_option("segmenter=clipseg") == ("segmenter", "clipseg")
+    assert _recipe_option("scale_range=[0.4, 0.9]") == ("scale_range", [0.4, 0.9])
+    with pytest.raises(argparse.ArgumentTypeError, match="expected KEY=VALUE, got 'p_mix'"):
+        _recipe_option("p_mix")

@@ -253,6 +253,12 @@ class Recipe(abc.ABC):
         """``(images, targets)`` or ``(images, targets, info)``: normalised images (B,3,S,S) in ``ctx.out_dtype``,
         soft targets (B,K), and per-sample (B,) tensors worth logging."""
 
+    def preview_rows(self, samples: list[dict], dataset, ctx: BatchContext,
+                     generator: torch.Generator) -> dict[str, list[torch.Tensor]] | None:
+        """The rows of the demo's ``preview.png`` for some pooled ``samples`` (field -> host array each): row name
+        -> one float image (3, S, S) or (S, S) in [0, 1] per sample. None: the demo's DiffuseMix figure."""
+        return None
+
     def describe(self) -> dict:
         """The recipe's settings, for logs and metrics files."""
         settings = {key: value for key, value in vars(self).items() if not key.startswith("_")}

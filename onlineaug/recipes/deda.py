@@ -513,6 +513,35 @@ class DeDA(Recipe):
                 "synthetic": params["synthetic"][:, 0]}
         return images, targets, info
 
+    def preview_rows(self, samples: list[dict], dataset, ctx: BatchContext,
+                     generator: torch.Generator) -> dict[str, list[torch.Tensor]]:
+        """original, mask (the CDP's alpha back in its frame), CIP, CDP and edited CDP (over the grey matte), and
+        a composite of the samples with each other (this recipe's own ``sample_params`` and ``apply``)."""
+        from onlineaug.images import load_item
+
+        device, size = ctx.mean.device, ctx.image_size
+        fields = {name: torch.stack([torch.as_tensor(np.asarray(s[name])) for s in samples]).to(device)
+                  for name in self.pool_fields(size)}
+        fields["image"] = torch.stack([load_item(dataset, int(s["index"]), size, ctx.num_classes)[0]
+                                       for s in samples]).to(device)
+        batch = Batch(fields=fields, generated=torch.ones(len(samples), dtype=torch.bool, device=device))
+        plain = dataclasses.replace(ctx, mean=torch.zeros_like(ctx.mean), std=torch.ones_like(ctx.std),
+                                    out_dtype=torch.float32, label_smoothing=0.0)
+        composed, _, _ = self.apply(batch, self.sample_params(batch, plain, generator), plain)
+        box = fields["fg_box"]
+        side = box[:, 2] - box[:, 0]
+        center = torch.stack([(box[:, :2] + box[:, 2:]) / 2 * size, torch.zeros_like(box[:, :2])], dim=1)
+        alpha = torch.cat([torch.full_like(fields["fg_real"][:, :3], 255), fields["fg_real"][:, 3:]], dim=1)
+        none = torch.full_like(side, -1, dtype=torch.int64)
+        mask, _ = kernels.composite_reference(
+            torch.zeros_like(fields["image"]), alpha.contiguous(), torch.stack([torch.arange(len(samples), device=device),
+                                                                                none], 1),
+            torch.stack([side, torch.ones_like(side)], 1), center, torch.zeros_like(box[:, :2], dtype=torch.bool))
+        rows = {"original": fields["image"].float() / 255, "mask": mask[:, 0],
+                "CIP": fields["background"].float() / 255, "CDP": over_matte(fields["fg_real"], self.matte),
+                "edited CDP": over_matte(fields["fg_syn"], self.matte), "composite": composed}
+        return {name: list(images.cpu()) for name, images in rows.items()}
+
 
 def area_weights(visible: torch.Tensor, has_second: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Label weights (B, 2) of the two CDPs: ``(v1, v2) / (v1 + v2)``; ``(1, 0)`` with one CDP or both hidden."""
