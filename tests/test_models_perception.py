@@ -21,12 +21,26 @@ CLIP_ROLE = ModelRole("clip", DEFAULT_CLIP)
 DATASET_ROLE = ModelRole("dataset-masks", "dataset")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: intra-op threads cost more than they save (10x on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def smooth_images(n: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
     """Natural-looking uint8 images: coarse random colours upsampled (processors clip per resize pass on
     pure noise, which no photo looks like)."""
     g = torch.Generator().manual_seed(seed)
     coarse = torch.rand(n, 3, 5, 6, generator=g) * 255
     return F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False).round().to(torch.uint8)
+
+
+def one_grey_level(std) -> float:
+    """The processors round to uint8 after resizing: ours may differ by one grey level, in normalised units."""
+    return 1.0 / 255 / min(std) + 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +59,7 @@ def test_clip_preprocess_matches_clip_image_processor(tiny_clip):
     expected = processor(images=list(images), return_tensors="pt")["pixel_values"]
     got = tiny_clip.preprocess(images)
     assert got.shape == expected.shape == (3, 3, 32, 32)
-    # the processor rounds to uint8 after resizing: at most one grey level apart, in normalised units
-    assert (got - expected).abs().max() <= 1.0 / 255 / min(preprocess.OPENAI_CLIP_STD) + 1e-5
+    assert (got - expected).abs().max() <= one_grey_level(preprocess.OPENAI_CLIP_STD)
 
 
 def test_clip_embeddings_are_the_models_normalised_features(tiny_clip):
@@ -134,6 +147,8 @@ def test_clip_missing_weights_say_how_to_get_them(tmp_path, monkeypatch):
         load_model(CLIP_ROLE, ModelSpec(str(tmp_path / "nowhere")), device="cpu")
     with pytest.raises(ValueError, match="'tiny' or 'full-random'"):
         ensure_available("filter", CLIP_ROLE, ModelSpec("tiny-sdxl"))
+    with pytest.raises(ValueError, match="LoRA and textual inversion apply to the diffusion pipelines only"):
+        ensure_available("filter", CLIP_ROLE, ModelSpec("tiny", lora=str(tmp_path / "lora.safetensors")))
 
 
 def test_clip_random_weights_are_reproducible_and_full_random_is_vit_b32():
@@ -243,3 +258,202 @@ def test_segmenter_inputs_are_checked():
         segmenter.segment(images, ["a", "b"], torch.arange(2), torch.zeros(2, 3, dtype=torch.int64))
     masks, found = segmenter.segment(images[:0], [], torch.arange(0))
     assert masks.shape == (0, 16, 16) and found.shape == (0,)
+
+
+# ------------------------------------------------------------------------------------------------ CLIPSeg
+
+CLIPSEG_ROLE = ModelRole("clipseg", "CIDAS/clipseg-rd64-refined")
+
+
+@pytest.fixture(scope="module")
+def tiny_clipseg():
+    return load_model(CLIPSEG_ROLE, ModelSpec("tiny"), device="cpu")
+
+
+def test_clipseg_preprocess_matches_its_processor(tiny_clipseg):
+    from transformers import ViTImageProcessor  # what CIDAS/clipseg-rd64-refined's processor config names
+
+    images = smooth_images(2, 41, 29, seed=4)  # resized to the square input, aspect ratio not kept
+    processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=list(preprocess.IMAGENET_MEAN),
+                                  image_std=list(preprocess.IMAGENET_STD))
+    expected = processor(images=list(images), return_tensors="pt")["pixel_values"]
+    got = tiny_clipseg.preprocess(images)
+    assert got.shape == expected.shape == (2, 3, 32, 32)
+    assert (got - expected).abs().max() <= one_grey_level(preprocess.IMAGENET_STD)
+
+
+def test_clipseg_masks_threshold_the_models_upsampled_probabilities(tiny_clipseg):
+    images = smooth_images(3, 40, 48, seed=5)
+    texts = ["circle", "a striped square", "bird"]
+    probs = tiny_clipseg.probabilities(images, texts)
+    tokens = tiny_clipseg.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = tiny_clipseg.model(**tokens, pixel_values=tiny_clipseg.preprocess(images)).logits
+    expected = F.interpolate(torch.sigmoid(logits)[:, None], size=(40, 48), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-5)
+    masks, found = tiny_clipseg.segment(images, texts, torch.arange(3))
+    assert torch.equal(masks, probs > 0.4)
+    assert 0.0 < masks.float().mean() < 1.0  # random weights still give a mixed map: the threshold matters
+    assert torch.equal(found, masks.flatten(1).any(1))
+    # each image is segmented with its own prompt: a batch equals the images one by one
+    alone = torch.cat([tiny_clipseg.probabilities(images[i:i + 1], texts[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(probs, alone, atol=1e-4, rtol=0)  # padding to the longest prompt: float noise
+    other = tiny_clipseg.probabilities(images[:1], ["a completely different prompt"])
+    assert not torch.allclose(other, probs[:1], atol=1e-3)
+
+
+def test_clipseg_threshold_option_bounds_what_is_found():
+    images = smooth_images(2, 32, 32, seed=6)
+    everything = load_model(ModelRole("clipseg", "x", options={"threshold": 0.0}), ModelSpec("tiny"), device="cpu")
+    nothing = load_model(ModelRole("clipseg", "x", options={"threshold": 1.0}), ModelSpec("tiny"), device="cpu")
+    masks, found = everything.segment(images, ["a", "b"], torch.arange(2))
+    assert masks.all() and found.all()
+    masks, found = nothing.segment(images, ["a", "b"], torch.arange(2))
+    assert not masks.any() and not found.any()
+    with pytest.raises(ValueError, match=r"threshold must be a number in \[0, 1\], got 1.5"):
+        ensure_available("segmenter", ModelRole("clipseg", "x", options={"threshold": 1.5}), ModelSpec("tiny"))
+    with pytest.raises(ValueError, match=r"no options \['box_threshold'\]; valid options: \['batch_size', 'threshold'\]"):
+        ensure_available("segmenter", ModelRole("clipseg", "x", options={"box_threshold": 0.3}), ModelSpec("tiny"))
+
+
+def test_clipseg_loads_a_saved_folder_and_says_how_to_get_missing_weights(tmp_path, monkeypatch, tiny_clipseg):
+    from transformers import ViTImageProcessor
+
+    folder = tmp_path / "clipseg"
+    tiny_clipseg.model.save_pretrained(folder)
+    tiny_clipseg.tokenizer.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=list(preprocess.IMAGENET_MEAN),
+                      image_std=list(preprocess.IMAGENET_STD)).save_pretrained(folder)
+    loaded = load_model(CLIPSEG_ROLE, ModelSpec(str(folder)), device="cpu")
+    assert loaded.input_size == (32, 32) and loaded.threshold == 0.4
+    images = smooth_images(2, 30, 36, seed=7)
+    torch.testing.assert_close(loaded.probabilities(images, ["a", "b"]), tiny_clipseg.probabilities(images, ["a", "b"]))
+    assert describe_model(CLIPSEG_ROLE, ModelSpec(str(folder))) == f"CLIPSeg segmenter from local folder {folder}"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("ONLINEAUG_ALLOW_DOWNLOAD", raising=False)
+    with pytest.raises(ModelNotFoundError, match=r"CLIPSeg segmenter weights not found(.|\n)*huggingface-cli download "
+                                                 r"CIDAS/clipseg-rd64-refined(.|\n)*HF_HOME"):
+        ensure_available("segmenter", CLIPSEG_ROLE, ModelSpec("CIDAS/clipseg-rd64-refined"))
+
+
+# ----------------------------------------------------------------------------------------------- Lang-SAM
+
+LANG_SAM_ROLE = ModelRole("lang-sam", "IDEA-Research/grounding-dino-tiny+facebook/sam-vit-base")
+
+
+@pytest.fixture(scope="module")
+def tiny_lang_sam():
+    return load_model(LANG_SAM_ROLE, ModelSpec("tiny"), device="cpu")
+
+
+def test_lang_sam_preprocessing_matches_the_processors(tiny_lang_sam):
+    from transformers import SamImageProcessor, SamProcessor
+
+    images = smooth_images(2, 40, 54, seed=8)
+    ours = tiny_lang_sam.detector_inputs(images, ["Bird", "a cat."])
+    theirs = tiny_lang_sam.processor(images=list(images), text=["bird.", "a cat."], padding=True, return_tensors="pt")
+    assert ours["pixel_values"].shape == theirs["pixel_values"].shape == (2, 3, 128, 172)
+    assert (ours["pixel_values"] - theirs["pixel_values"]).abs().max() <= one_grey_level(preprocess.IMAGENET_STD)
+    for key in ("input_ids", "attention_mask", "token_type_ids", "pixel_mask"):
+        assert torch.equal(ours[key], theirs[key]), key
+    sam_processor = SamProcessor(image_processor=SamImageProcessor(size={"longest_edge": 24},
+                                                                   pad_size={"height": 24, "width": 24}))
+    boxes = torch.tensor([[[3.0, 4.0, 30.0, 20.0], [10.0, 10.0, 50.0, 39.0]]] * 2)
+    theirs = sam_processor(images=list(images), input_boxes=boxes.tolist(), return_tensors="pt")
+    ours = tiny_lang_sam.sam_inputs(images, boxes)
+    assert ours["resized_size"] == tuple(theirs["reshaped_input_sizes"][0].tolist()) == (18, 24)
+    assert (ours["pixel_values"] - theirs["pixel_values"]).abs().max() <= one_grey_level(preprocess.IMAGENET_STD)
+    torch.testing.assert_close(ours["input_boxes"], theirs["input_boxes"].float())
+
+
+def test_lang_sam_masks_are_the_union_of_sam_run_per_box(tiny_lang_sam):
+    from transformers import SamImageProcessor
+
+    images, texts = smooth_images(3, 40, 54, seed=9), ["bird", "cat", "dog"]
+    detections = tiny_lang_sam.detect(images, texts)
+    masks, found = tiny_lang_sam.segment(images, texts, torch.arange(3))
+    assert found.tolist() == [len(d["boxes"]) > 0 for d in detections] == [True] * 3
+    post = SamImageProcessor(size={"longest_edge": 24}, pad_size={"height": 24, "width": 24})
+    nontrivial = 0
+    for row, detection in enumerate(detections):
+        assert len(detection["boxes"]) >= 2 and (detection["scores"] > 0.3).all()
+        assert torch.equal(detection["scores"], detection["scores"].sort(descending=True).values)
+        union = torch.zeros(40, 54, dtype=torch.bool)
+        for box in detection["boxes"]:  # SAM once per box, through transformers' own post-processing
+            inputs = tiny_lang_sam.sam_inputs(images[row:row + 1], box.view(1, 1, 4))
+            with torch.no_grad():
+                low_res = tiny_lang_sam.sam(pixel_values=inputs["pixel_values"], input_boxes=inputs["input_boxes"],
+                                            multimask_output=False).pred_masks
+            mask = post.post_process_masks(low_res, [(40, 54)], [inputs["resized_size"]])[0][0, 0]
+            nontrivial += bool(mask.any()) and not torch.equal(mask, union | mask)
+            union |= mask
+        assert torch.equal(masks[row], union)
+    assert nontrivial > 0  # some box added pixels to what earlier boxes covered: the union is not one mask
+
+
+def test_lang_sam_box_threshold_above_every_score_finds_nothing(tiny_lang_sam):
+    images = smooth_images(2, 40, 40, seed=10)
+    strict = load_model(ModelRole("lang-sam", "x", options={"box_threshold": 1.0}), ModelSpec("tiny"), device="cpu")
+    masks, found = strict.segment(images, ["bird", "bird"], torch.arange(2))
+    assert not found.any() and not masks.any() and masks.shape == (2, 40, 40)
+    capped = load_model(ModelRole("lang-sam", "x", options={"max_boxes": 1}), ModelSpec("tiny"), device="cpu")
+    full, top = tiny_lang_sam.detect(images, ["bird"] * 2), capped.detect(images, ["bird"] * 2)
+    for a, b in zip(full, top):
+        assert len(b["boxes"]) == 1 and torch.equal(b["boxes"][0], a["boxes"][0])
+        assert (a["boxes"][:, 0::2] <= 40).all() and (a["boxes"] >= 0).all()
+    with pytest.raises(ValueError, match=r"max_boxes must be a positive int or None, got 0"):
+        ensure_available("segmenter", ModelRole("lang-sam", "x", options={"max_boxes": 0}), ModelSpec("tiny"))
+
+
+@pytest.mark.slow  # saves and loads two models twice: ~3 s alone, more on a busy machine
+def test_lang_sam_loads_saved_folders(tmp_path, tiny_lang_sam):
+    from transformers import SamImageProcessor, SamProcessor
+
+    detector, sam = tmp_path / "grounding-dino", tmp_path / "sam"
+    tiny_lang_sam.detector.save_pretrained(detector)
+    tiny_lang_sam.processor.save_pretrained(detector)
+    tiny_lang_sam.sam.save_pretrained(sam)
+    SamProcessor(image_processor=SamImageProcessor(size={"longest_edge": 24}, pad_size={"height": 24, "width": 24})
+                 ).save_pretrained(sam)
+    images, texts = smooth_images(2, 40, 54, seed=11), ["bird", "cat"]
+    expected = tiny_lang_sam.segment(images, texts, torch.arange(2))
+    for role, source in ((LANG_SAM_ROLE, f"{detector}+{sam}"),
+                         (ModelRole("lang-sam", "x", options={"sam": str(sam)}), str(detector))):
+        ensure_available("segmenter", role, ModelSpec(source))
+        loaded = load_model(role, ModelSpec(source), device="cpu")
+        assert loaded.sam_images.pad == (24, 24) and loaded.detector_images.size["shortest_edge"] == 128
+        got = loaded.segment(images, texts, torch.arange(2))
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    line = describe_model(LANG_SAM_ROLE, ModelSpec(f"{detector}+{sam}"))
+    assert line == f"Lang-SAM: GroundingDINO from local folder {detector} + SAM from local folder {sam}"
+
+
+def test_lang_sam_missing_weights_say_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("ONLINEAUG_ALLOW_DOWNLOAD", raising=False)
+    with pytest.raises(ModelNotFoundError, match=r"GroundingDINO detector \(lang-sam\) weights not found(.|\n)*"
+                                                 r"huggingface-cli download IDEA-Research/grounding-dino-tiny"):
+        ensure_available("segmenter", LANG_SAM_ROLE, ModelSpec(LANG_SAM_ROLE.default))
+    detector = tmp_path / "detector"
+    from onlineaug.models.segmenters.lang_sam import build_detector, build_detector_processor
+    build_detector("tiny").save_pretrained(detector)
+    build_detector_processor("tiny").save_pretrained(detector)
+    with pytest.raises(ModelNotFoundError, match=r"SAM \(lang-sam\) weights not found(.|\n)*huggingface-cli download "
+                                                 r"facebook/sam-vit-base(.|\n)*HF_HOME"):
+        ensure_available("segmenter", LANG_SAM_ROLE, ModelSpec(str(detector)))
+    with pytest.raises(ValueError, match=r"'<GroundingDINO>\+<SAM>'"):
+        ensure_available("segmenter", LANG_SAM_ROLE, ModelSpec("a+b+c"))
+
+
+def test_perception_random_architectures_have_the_real_sizes():
+    from onlineaug.models.segmenters.clipseg import build_clipseg_model
+    from onlineaug.models.segmenters.lang_sam import build_detector, build_sam, grounding_prompt
+
+    def count(model):
+        return sum(p.numel() for p in model.parameters()) / 1e6
+
+    assert 170 < count(build_detector("full-random", device="meta")) < 175  # GroundingDINO-T: 172M
+    assert 93 < count(build_sam("full-random", device="meta")) < 95  # SAM ViT-B: 94M
+    assert 149 < count(build_clipseg_model("full-random", device="meta")) < 152  # CLIPSeg rd64: 151M
+    assert grounding_prompt("  Bird ") == "bird." and grounding_prompt("a car.") == "a car."
+    assert describe_model(LANG_SAM_ROLE, ModelSpec("tiny")) == "tiny random-weight Lang-SAM segmenter (in-process)"

@@ -114,9 +114,17 @@ def load_model(role: ModelRole, spec: ModelSpec, *, device: torch.device | str, 
 PERCEPTION_KINDS = ("clip",) + SEGMENTER_KINDS
 
 
+def _check_no_fine_tuning(role: ModelRole, spec: ModelSpec) -> None:
+    for name in ("lora", "textual_inversion"):
+        if getattr(spec, name) is not None:
+            raise ValueError(f"{name}={getattr(spec, name)!r} was given for a {role.kind!r} model; LoRA and textual "
+                             f"inversion apply to the diffusion pipelines only")
+
+
 def _load_perception(role: ModelRole, spec: ModelSpec, *, device, policy: LoadPolicy, seed: int, dataset):
     from onlineaug.devices import parse_device
 
+    _check_no_fine_tuning(role, spec)
     device = parse_device(device)
     if role.kind == "clip":
         from onlineaug.models.clip import load_clip
@@ -128,6 +136,7 @@ def _load_perception(role: ModelRole, spec: ModelSpec, *, device, policy: LoadPo
 
 
 def _ensure_perception(role_name: str, role: ModelRole, spec: ModelSpec, dataset) -> None:
+    _check_no_fine_tuning(role, spec)
     if role.kind == "clip":
         from onlineaug.models.clip import ensure_clip_available
 

@@ -58,6 +58,14 @@ class Checkpoint:
         except ValueError as err:
             raise ValueError(f"{path} is not valid JSON ({err}); re-download or re-save the model") from None
 
+    def image_processor_config(self) -> dict | None:
+        """The image processor's settings: ``preprocessor_config.json`` (hub checkpoints), else the
+        ``image_processor`` entry of ``processor_config.json`` (what transformers 5 ``save_pretrained`` writes)."""
+        config = self.read_json("preprocessor_config.json")
+        if config is not None:
+            return config
+        return (self.read_json("processor_config.json") or {}).get("image_processor")
+
 
 def policy_dtype(policy: LoadPolicy, device: torch.device) -> torch.dtype:
     """The dtype :class:`LoadPolicy` asks for: its ``dtype``, else float16 on CUDA and float32 elsewhere."""

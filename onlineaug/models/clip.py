@@ -182,7 +182,7 @@ def load_clip(role: ModelRole, spec: ModelSpec, *, device: torch.device, policy:
         raise ModelNotFoundError(not_found_message(f"CLIP (role {role_name!r})", spec.source, DEFAULT_CLIP,
                                                    checkpoint.location, str(err))) from err
     model.to(device)
-    config = checkpoint.read_json("preprocessor_config.json") or {}
+    config = checkpoint.image_processor_config() or {}
     size = _edge(config.get("size"), model.config.vision_config.image_size)
     crop = config.get("crop_size", size)
     crop = (crop["height"], crop["width"]) if isinstance(crop, dict) else (int(crop), int(crop))

@@ -2,7 +2,9 @@
 
 Kinds (``ModelRole.kind``), each returning a :class:`~onlineaug.models.segmenters.base.Segmenter`:
 
-- ``"dataset-masks"`` (source ``"dataset"``): the masks the dataset provides (:mod:`.dataset_masks`).
+- ``"dataset-masks"`` (source ``"dataset"``): the masks the dataset provides (:mod:`.dataset_masks`);
+- ``"clipseg"``: CLIPSeg with a text prompt per image (:mod:`.clipseg`);
+- ``"lang-sam"``: GroundingDINO boxes prompting SAM, the union of the masks (:mod:`.lang_sam`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,14 @@ def load_segmenter(role: ModelRole, spec: ModelSpec, *, device: torch.device | s
     if role.kind == "dataset-masks":
         _check_dataset_source(role, spec, role_name)
         return DatasetMasks(dataset, device=device)
+    if role.kind == "clipseg":
+        from onlineaug.models.segmenters.clipseg import load_clipseg
+
+        return load_clipseg(role, spec, device=device, policy=policy, seed=seed)
+    if role.kind == "lang-sam":
+        from onlineaug.models.segmenters.lang_sam import load_lang_sam
+
+        return load_lang_sam(role, spec, device=device, policy=policy, seed=seed)
     raise NotImplementedError(f"segmenter kind {role.kind!r} is not available yet")
 
 
@@ -39,6 +49,16 @@ def ensure_segmenter_available(role_name: str, role: ModelRole, spec: ModelSpec,
         _check_dataset_source(role, spec, role_name)
         mask_reader(dataset)
         return
+    if role.kind == "clipseg":
+        from onlineaug.models.segmenters.clipseg import ensure_clipseg_available
+
+        ensure_clipseg_available(role, spec)
+        return
+    if role.kind == "lang-sam":
+        from onlineaug.models.segmenters.lang_sam import ensure_lang_sam_available
+
+        ensure_lang_sam_available(role, spec)
+        return
     raise NotImplementedError(f"segmenter kind {role.kind!r} (role {role_name!r}) is not available yet")
 
 
@@ -46,4 +66,12 @@ def describe_segmenter(role: ModelRole, spec: ModelSpec) -> str:
     """One line for logs (never loads weights)."""
     if role.kind == "dataset-masks":
         return "the dataset's own masks (dataset-masks)"
+    if role.kind == "clipseg":
+        from onlineaug.models.segmenters.clipseg import describe_clipseg
+
+        return describe_clipseg(spec)
+    if role.kind == "lang-sam":
+        from onlineaug.models.segmenters.lang_sam import describe_lang_sam
+
+        return describe_lang_sam(role, spec)
     return f"{role.kind} segmenter from {spec.source}"

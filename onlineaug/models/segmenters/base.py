@@ -19,7 +19,11 @@ class Segmenter:
 
     Returns ``masks`` bool (n, H, W) on the images' device and ``found`` bool (n,): whether the object was found
     (an image with ``found`` False has an empty mask).
+
+    Every segmenter counts the images it has segmented in ``calls`` (recipes that cache per index test with it).
     """
+
+    calls: int = 0
 
     device: torch.device = torch.device("cpu")
 
