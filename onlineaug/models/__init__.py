@@ -60,27 +60,22 @@ def resolve_models(roles: Mapping[str, ModelRole], main_role: str | None, genera
     return resolved
 
 
-def _diffusion_task(role: ModelRole) -> str:
-    return role.kind
-
-
 def ensure_available(role_name: str, role: ModelRole, spec: ModelSpec) -> None:
     """Raise now, in the calling process, what :func:`load_model` would raise for missing weights."""
-    from onlineaug.generators import ensure_available as ensure_pipeline
-
     if role.kind in DIFFUSION_KINDS:
-        source = spec.random_weights[0] if spec.is_random else spec.source
-        ensure_pipeline(source, _diffusion_task(role))
+        from onlineaug.models.diffusion import ensure_diffusion_available
+
+        ensure_diffusion_available(role_name, role, spec)
         return
     raise NotImplementedError(f"model kind {role.kind!r} (role {role_name!r}) is not available yet")
 
 
 def describe_model(role: ModelRole, spec: ModelSpec) -> str:
     """One line for logs: what fills this role (never loads weights)."""
-    from onlineaug.generators import describe
-
     if role.kind in DIFFUSION_KINDS:
-        return describe(spec.random_weights[0] if spec.is_random else spec.source, _diffusion_task(role))
+        from onlineaug.models.diffusion import describe_diffusion
+
+        return describe_diffusion(role, spec)
     return f"{role.kind} from {spec.source}"
 
 
@@ -88,13 +83,13 @@ def load_model(role: ModelRole, spec: ModelSpec, *, device: torch.device | str, 
                seed: int = 0, dataset=None):
     """Build the model for ``role`` from ``spec`` on ``device`` under ``policy``.
 
-    Returns a diffusers pipeline for the diffusion kinds, a :class:`~onlineaug.models.clip.ClipEmbedder` for
-    ``"clip"``, and a segmenter (``segment(images, texts, indices)``) for the segmenter kinds.
+    Returns a diffusers pipeline for the diffusion kinds (:func:`onlineaug.models.diffusion.load_diffusion`: with
+    ``pipe.kind``, ``pipe.architecture``, ``pipe.class_tokens``, ``pipe.placeholder_tokens``), a
+    :class:`~onlineaug.models.clip.ClipEmbedder` for ``"clip"``, and a segmenter (``segment(images, texts,
+    indices)``) for the segmenter kinds.
     """
-    from onlineaug.generators import load_pipeline
-
     if role.kind in DIFFUSION_KINDS:
-        source = spec.random_weights[0] if spec.is_random else spec.source
-        return load_pipeline(source, _diffusion_task(role), device=device, compile_unet=bool(policy.compile),
-                             seed=seed, scheduler=role.scheduler)
+        from onlineaug.models.diffusion import load_diffusion
+
+        return load_diffusion(role, spec, device=device, policy=policy, seed=seed)
     raise NotImplementedError(f"model kind {role.kind!r} is not available yet")
