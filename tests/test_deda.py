@@ -171,14 +171,16 @@ class Recording:
     """Forwards to the real pipeline and keeps what it was called with."""
 
     def __init__(self, pipeline):
-        self.pipeline, self.calls = pipeline, []
+        self.pipeline, self.calls, self.outputs = pipeline, [], []
 
     def __getattr__(self, name):
         return getattr(self.pipeline, name)
 
     def __call__(self, **kwargs):
         self.calls.append(kwargs)
-        return self.pipeline(**kwargs)
+        output = self.pipeline(**kwargs)
+        self.outputs.append(output.images)
+        return output
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +224,11 @@ def test_class_tokens_prompt_the_edit_and_must_be_known_to_the_tokenizer(shapes,
         recipe.edit(tiny_img2img, cdp, cdp, torch.tensor([2]), ctx)
     with pytest.raises(ValueError, match="class_tokens has 6 tokens but there are 4 classes"):
         recipe.prompt_text(0, standalone_context(num_classes=4, image_size=SIZE))
+    # without class_tokens, the tokens a textual-inversion file maps to class names, else the class name
+    named = get_recipe("deda", segmenter="dataset")
+    ctx = standalone_context(num_classes=6, image_size=SIZE, class_names=shapes.classes)
+    assert named.prompt_text(1, ctx, {"square": "<square>"}) == "a photo of a <square>"
+    assert named.prompt_text(2, ctx, {"square": "<square>"}) == "a photo of a triangle"
 
 
 # --------------------------------------------------------------------------------- options and roles
@@ -243,7 +250,8 @@ def test_model_roles_follow_the_segmenter_and_inpaint_options():
     assert roles["edit"].architecture == "sd15"
     assert roles["segmenter"].kind == "lang-sam"
     assert roles["segmenter"].options == {"box_threshold": 0.3, "text_threshold": 0.25}
-    assert get_recipe("deda", segmenter="clipseg").model_roles()["segmenter"].kind == "clipseg"
+    clipseg = get_recipe("deda", segmenter="clipseg", clipseg_threshold=0.3).model_roles()["segmenter"]
+    assert clipseg.kind == "clipseg" and clipseg.options == {"threshold": 0.3}
     dataset = get_recipe("deda", segmenter="dataset").model_roles()["segmenter"]
     assert (dataset.kind, dataset.default) == ("dataset-masks", "dataset")
     sd = get_recipe("deda", inpaint="sd").model_roles()
@@ -656,3 +664,93 @@ def test_the_demo_reads_recipe_options_as_json_or_text():
     assert _recipe_option("scale_range=[0.4, 0.9]") == ("scale_range", [0.4, 0.9])
     with pytest.raises(argparse.ArgumentTypeError, match="expected KEY=VALUE, got 'p_mix'"):
         _recipe_option("p_mix")
+
+
+def test_a_textual_inversion_file_gives_the_edit_prompts_their_class_tokens(tmp_path, shapes):
+    from onlineaug.models import load_model, resolve_models
+
+    torch.save({"<circle>": torch.randn(32)}, tmp_path / "learned_embeds.bin")  # the tiny text encoder is 32 wide
+    recipe = get_recipe("deda", segmenter="dataset", textual_inversion=str(tmp_path / "learned_embeds.bin"),
+                        num_inference_steps=2)
+    roles = recipe.model_roles()
+    spec = resolve_models(roles, "edit", "tiny", None)["edit"]
+    assert spec.textual_inversion == str(tmp_path / "learned_embeds.bin")
+    pipeline = Recording(load_model(roles["edit"], spec, device="cpu"))
+    ctx = standalone_context(num_classes=6, image_size=SIZE, class_names=shapes.classes)
+    cdp = torch.stack([cdp_rgba(image_of(shapes, i), entry_of(shapes, i), SIZE) for i in (0, 1)])
+    recipe.edit(pipeline, cdp, cdp, torch.tensor([0, 1]), ctx)
+    assert pipeline.calls[0]["prompt"] == ["a photo of a <circle>", "a photo of a square"]
+
+
+def test_sd_inpainting_fills_only_the_dilated_hole(shapes):
+    from onlineaug.models import load_model, resolve_models
+    from onlineaug.recipes.generation import to_uint8
+
+    recipe = get_recipe("deda", segmenter="dataset", inpaint="sd", num_inference_steps=2, generation_size=64)
+    roles = recipe.model_roles()
+    inpaint = Recording(load_model(roles["inpaint"], resolve_models(roles, "edit", "tiny", None)["inpaint"],
+                                   device="cpu"))
+    ctx = standalone_context(num_classes=6, image_size=SIZE, class_names=shapes.classes)
+    batch = source_batch(shapes, [2, 8], 64)
+    masks = torch.stack([shapes.foreground_mask(i) for i in (2, 8)])
+    masks_g = F.interpolate(masks[:, None].float(), size=(64, 64), mode="nearest-exact")[:, 0].bool()
+    cip = recipe.fill_background({"inpaint": inpaint}, batch.images, batch.originals, masks_g, ctx)
+    (call,) = inpaint.calls
+    hole = dilate(masks, 2.0)
+    assert torch.equal(call["mask_image"][:, 0].bool(), dilate(masks_g, 4.0))  # the same radius at 64 px
+    assert call["prompt"] == ["", ""] and torch.equal(call["image"], batch.images.float() / 255)
+    painted, _ = to_uint8(inpaint.outputs[0], SIZE)
+    assert torch.equal(cip.permute(1, 0, 2, 3)[:, ~hole], batch.originals.permute(1, 0, 2, 3)[:, ~hole])
+    assert torch.equal(cip.permute(1, 0, 2, 3)[:, hole], painted.permute(1, 0, 2, 3)[:, hole])
+
+
+def producer_for(recipe, dataset, generator="tiny", batch_size=4):
+    """A real Producer (the class producer processes run) for ``recipe``, in this process."""
+    from onlineaug.models import LoadPolicy, resolve_models
+    from onlineaug.producer import Producer, ProducerSettings
+    from onlineaug.sources import SourceSet
+
+    roles = recipe.model_roles()
+    settings = ProducerSettings(
+        recipe=recipe, dataset=dataset, num_classes=dataset.num_classes, class_names=dataset.classes,
+        image_size=SIZE, batch_size=batch_size, seed=0, trainer_rank=0, roles=roles,
+        specs=resolve_models(roles, recipe.main_role, generator, None), policy=LoadPolicy(),
+        pool_fields=recipe.pool_fields(SIZE))
+    return Producer(settings, rank=0, device="cpu", sources=SourceSet(np.arange(len(dataset))))
+
+
+@pytest.mark.parametrize("segmenter, options", [
+    ("lang-sam", {"box_threshold": 0.0, "text_threshold": 0.0}),  # random weights: keep every box
+    ("lang-sam", {"box_threshold": 1.0}),  # no box clears the threshold: every image is a miss
+    ("clipseg", {"clipseg_threshold": 0.5}),
+])
+def test_tiny_text_segmenters_run_in_a_real_producer(shapes, segmenter, options):
+    recipe = get_recipe("deda", segmenter=segmenter, segment_text="shape", generation_size=SIZE,
+                        num_inference_steps=2, num_edits=2, **options)
+    producer = producer_for(recipe, shapes)
+    payload = producer.step()
+    written = len(payload["index"])
+    misses = producer.counts["rejected:seg_misses"]
+    assert written + misses == 4 and producer.counts["rejected:non_finite"] == 0
+    if options.get("box_threshold") == 1.0:
+        assert written == 0
+    # what was written is what the segmenter finds, exactly: its mask's area, box and CIP
+    cache = recipe.index_cache(producer.context)
+    for row, index in enumerate(payload["index"].tolist()):
+        entry = cache.get(index)
+        assert entry.found
+        image = torch.from_numpy(payload["fg_real"][row])
+        assert payload["fg_area"][row] == np.float32(entry.area)
+        top, left, side = entry.box
+        np.testing.assert_array_equal(payload["fg_box"][row], np.float32([top, left, top + side, left + side]) / SIZE)
+        assert torch.equal(image, cdp_rgba(image_of(shapes, index), entry, SIZE))
+    segment = producer.models["segmenter"]
+    indices = sorted(set(cache._entries))
+    images = torch.stack([image_of(shapes, i) for i in indices])
+    masks, found = segment.segment(images, ["shape"] * len(indices), torch.tensor(indices))
+    for i, index in enumerate(indices):
+        entry = cache.get(index)
+        assert entry.found == bool(found[i] and masks[i].any())
+        if entry.found:
+            assert entry.area == float(masks[i].float().mean())
+            assert torch.equal(crop_square(masks[i][None], entry.box)[0], entry.alpha)

@@ -15,8 +15,9 @@ Producer (per visit of a dataset index; segmentation and CIP are computed once p
 3. **CDP**: the RGBA object (straight alpha = the mask) in the square around its box, resized to a square
    (``kernels.kornia_ops.prepare_foregrounds``); ``fg_box`` is that square in the frame, ``/ G``.
 4. **Edit** the CDP ``num_edits = K = 3`` times (K jobs of the same index): RGB img2img over a grey matte,
-   strength 0.4, guidance 7.0, 25 steps, 512 px, prompt ``"a photo of a {token}"`` (a textual-inversion token
-   per class when given, else the class name); the edit keeps the real CDP's alpha.
+   strength 0.4, guidance 7.0, 25 steps, 512 px, prompt ``"a photo of a {token}"``; the token is the class's
+   textual-inversion token (``class_tokens``, else the edit pipeline's ``class_tokens`` map read from its
+   ``textual_inversion`` file), else the class name. The edit keeps the real CDP's alpha.
 
 Trainer (one ``kernels.composite`` launch per batch): layer 1 is the row's edited CDP with probability
 ``p_syn``, else its real CDP; the background is the CIP of a pooled row of another class (falling back to any
@@ -54,6 +55,7 @@ from onlineaug.recipes.generation import to_uint8
 
 SEG_MISSES = "seg_misses"  # the reject reason of an image where the segmenter found no object
 SEGMENTERS = {"lang-sam": "lang-sam", "clipseg": "clipseg", "dataset": "dataset-masks"}  # option -> model kind
+# Lang-SAM's own models (lang_sam/models/gdino.py: grounding-dino-base; SAM ViT-H as in the SAM paper De-DA cites)
 SEGMENTER_DEFAULTS = {"lang-sam": "IDEA-Research/grounding-dino-base+facebook/sam-vit-huge",
                       "clipseg": "CIDAS/clipseg-rd64-refined", "dataset": "dataset"}
 INPAINTERS = ("pyramid", "sd")
@@ -220,7 +222,8 @@ class DeDA(Recipe):
     default_generation_size = 512
 
     def __init__(self, *, segmenter: str = "lang-sam", segment_text: str | None = None,
-                 box_threshold: float = 0.3, text_threshold: float = 0.25, inpaint: str = "pyramid",
+                 box_threshold: float = 0.3, text_threshold: float = 0.25, clipseg_threshold: float = 0.4,
+                 inpaint: str = "pyramid",
                  dilation: float | None = None, num_edits: int = 3, strength: float = 0.4,
                  guidance_scale: float = 7.0, num_inference_steps: int = 25, generation_size: int | None = None,
                  prompt_template: str = "a photo of a {token}", class_tokens: Sequence[str] | None = None,
@@ -233,6 +236,7 @@ class DeDA(Recipe):
         self.segment_text = None if segment_text is None else check.text("segment_text", segment_text)
         self.box_threshold = check.probability("box_threshold", box_threshold)
         self.text_threshold = check.probability("text_threshold", text_threshold)
+        self.clipseg_threshold = check.probability("clipseg_threshold", clipseg_threshold)
         self.inpaint = check.choice("inpaint", inpaint, list(INPAINTERS))
         self.dilation = None if dilation is None else check.real("dilation", dilation, low=0.0)
         self.num_edits = check.integer("num_edits", num_edits, low=1)
@@ -271,14 +275,17 @@ class DeDA(Recipe):
     def describe(self) -> dict:
         return {**super().describe(), "segmenter_kind": SEGMENTERS[self.segmenter]}
 
-    def prompt_text(self, label: int, ctx: ProducerContext) -> str:
+    def prompt_text(self, label: int, ctx: ProducerContext, learned: Mapping[str, str] | None = None) -> str:
+        """The edit prompt of class ``label``: ``class_tokens[label]``, else ``learned[class name]`` (the edit
+        pipeline's textual-inversion tokens by class name), else the class name, in ``prompt_template``."""
         if self.class_tokens is not None:
             if len(self.class_tokens) != ctx.num_classes:
                 raise ValueError(f"recipe {self.name!r}: class_tokens has {len(self.class_tokens)} tokens but there "
                                  f"are {ctx.num_classes} classes; give one textual-inversion token per class")
             token = self.class_tokens[int(label)]
         else:
-            token = ctx.class_name(label)
+            name = ctx.class_name(label)
+            token = (learned or {}).get(name, name)
         return self.prompt_template.format(token=token)
 
     def segment_prompt(self, label: int, ctx: ProducerContext) -> str:
@@ -294,8 +301,8 @@ class DeDA(Recipe):
     # ----------------------------------------------------------------------------------- producer side
     def model_roles(self) -> dict[str, ModelRole]:
         kind = SEGMENTERS[self.segmenter]
-        options = {"box_threshold": self.box_threshold, "text_threshold": self.text_threshold} \
-            if self.segmenter == "lang-sam" else {}
+        options = {"lang-sam": {"box_threshold": self.box_threshold, "text_threshold": self.text_threshold},
+                   "clipseg": {"threshold": self.clipseg_threshold}, "dataset": {}}[self.segmenter]
         roles = {"edit": ModelRole("img2img", SD15, architecture="sd15", textual_inversion=self.textual_inversion),
                  "segmenter": ModelRole(kind, SEGMENTER_DEFAULTS[self.segmenter], options=options)}
         if self.inpaint == "sd":
@@ -312,7 +319,8 @@ class DeDA(Recipe):
         """What the per-index cache depends on: the segmentation and CIP settings and their models."""
         roles = ("segmenter", "inpaint") if self.inpaint == "sd" else ("segmenter",)
         return {"roles": roles, "segmenter": self.segmenter, "segment_text": self.segment_text,
-                "box_threshold": self.box_threshold, "text_threshold": self.text_threshold, "inpaint": self.inpaint,
+                "box_threshold": self.box_threshold, "text_threshold": self.text_threshold,
+                "clipseg_threshold": self.clipseg_threshold, "inpaint": self.inpaint,
                 "dilation": self.dilation, "generation_size": self.generation_size,
                 "inpaint_prompt": self.inpaint_prompt if self.inpaint == "sd" else None,
                 "num_inference_steps": self.num_inference_steps if self.inpaint == "sd" else None}
@@ -428,8 +436,9 @@ class DeDA(Recipe):
         self._check_tokens(pipeline, ctx)
         device = ctx.generator.device
         seeds = torch.randint(2**62, (len(to_edit),), generator=ctx.generator, device=device).tolist()
+        learned = getattr(pipeline, "class_tokens", None)
         edited = pipeline(
-            prompt=[self.prompt_text(label, ctx) for label in labels.tolist()],
+            prompt=[self.prompt_text(label, ctx, learned) for label in labels.tolist()],
             image=over_matte(to_edit, self.matte), strength=self.strength, guidance_scale=self.guidance_scale,
             num_inference_steps=self.num_inference_steps,
             generator=[torch.Generator(device=device).manual_seed(s) for s in seeds], output_type="pt").images
