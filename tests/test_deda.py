@@ -562,6 +562,16 @@ def test_segmentation_and_cip_run_once_per_index(shapes, tiny_img2img, tmp_path)
     assert torch.equal(produced.payload["background"][0], entry_of(shapes, 5).background)
 
 
+def test_a_cache_smaller_than_a_batch_still_serves_the_whole_batch(shapes, tiny_img2img):
+    recipe = get_recipe("deda", segmenter="dataset", num_inference_steps=2, cache_mb=0)
+    models = dataset_models(shapes, tiny_img2img)
+    ctx = standalone_context(num_classes=6, image_size=SIZE, dataset=shapes, class_names=shapes.classes)
+    produced = recipe.produce(models, source_batch(shapes, [1, 2, 3], SIZE), ctx)
+    assert produced.rows.tolist() == [0, 1, 2] and len(recipe.index_cache(ctx)) == 1
+    for row, index in enumerate([1, 2, 3]):
+        assert torch.equal(produced.payload["background"][row], entry_of(shapes, index).background)
+
+
 def test_images_without_an_object_are_seg_misses_and_write_no_slot(tiny_img2img):
     dataset = ShapesWithMisses(num_classes=6, size=SIZE, length=20, seed=0)
     recipe = get_recipe("deda", segmenter="dataset", num_inference_steps=2)

@@ -92,7 +92,7 @@ class IndexCache:
     """Decoupled results by dataset index: an LRU in memory bounded in bytes, over an optional folder.
 
     ``computed`` counts the entries put (each one a segmentation and a CIP computed); ``loaded`` those read back
-    from the folder. Files are written atomically (a temporary file, then ``os.replace``), so producers sharing
+    from the folder. The memory part always keeps the newest entry, even over ``max_bytes``. Files are written atomically (a temporary file, then ``os.replace``), so producers sharing
     the folder never read a partial one.
     """
 
@@ -369,15 +369,22 @@ class DeDA(Recipe):
         """The cached segmentation and CIP of each row's index, computing (once) those not cached yet."""
         cache = self.index_cache(ctx)
         indices = batch.indices.tolist()
+        entries: dict[int, Decoupled] = {}  # this batch's, whatever the cache keeps
         first_row: dict[int, int] = {}
         for row, index in enumerate(indices):
-            if index >= 0 and cache.get(index) is None:
-                first_row.setdefault(index, row)
+            if index < 0 or index in entries or index in first_row:
+                continue
+            entry = cache.get(index)
+            if entry is None:
+                first_row[index] = row
+            else:
+                entries[index] = entry
         if first_row:
             rows = torch.tensor(list(first_row.values()), dtype=torch.int64)
             for index, entry in zip(first_row, self._compute(models, batch, rows, ctx)):
                 cache.put(index, entry)
-        return [cache.get(index) if index >= 0 else Decoupled(False) for index in indices]
+                entries[index] = entry
+        return [entries.get(index, Decoupled(False)) for index in indices]
 
     def _compute(self, models, batch: SourceBatch, rows: torch.Tensor, ctx: ProducerContext) -> list[Decoupled]:
         """Segment the images of ``rows`` and fill their CIPs."""
@@ -556,5 +563,6 @@ def area_weights(visible: torch.Tensor, has_second: torch.Tensor, eps: float = 1
     """Label weights (B, 2) of the two CDPs: ``(v1, v2) / (v1 + v2)``; ``(1, 0)`` with one CDP or both hidden."""
     total = visible.sum(1, keepdim=True)
     mixed = has_second[:, None] & (total >= eps)
-    one = torch.tensor([1.0, 0.0], device=visible.device).expand_as(visible)
+    one = torch.zeros_like(visible)
+    one[:, 0] = 1.0  # (no host-to-device copy: this runs on the trainer's stream every batch)
     return torch.where(mixed, visible / total.clamp(min=eps), one)
