@@ -223,8 +223,7 @@ class DeDA(Recipe):
 
     def __init__(self, *, segmenter: str = "lang-sam", segment_text: str | None = None,
                  box_threshold: float = 0.3, text_threshold: float = 0.25, clipseg_threshold: float = 0.4,
-                 inpaint: str = "pyramid",
-                 dilation: float | None = None, num_edits: int = 3, strength: float = 0.4,
+                 inpaint: str = "pyramid", dilation: float | None = None, num_edits: int = 3, strength: float = 0.4,
                  guidance_scale: float = 7.0, num_inference_steps: int = 25, generation_size: int | None = None,
                  prompt_template: str = "a photo of a {token}", class_tokens: Sequence[str] | None = None,
                  textual_inversion: str | None = None, matte: float = 0.5, inpaint_prompt: str = "",
