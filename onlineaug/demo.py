@@ -4,8 +4,9 @@ Trains a small CNN on :class:`~onlineaug.datasets.SyntheticShapes` for a fixed n
 plain ``DataLoader`` (vanilla) and with :class:`~onlineaug.OnlineGenAugLoader` (GenMix on the tiny generator by
 default). Prints steps/s, the augmentation overhead A_O = (T_aug - T_van) / T_van (GuidedMixup's definition,
 used by the DiffuseMix/DiffCoRe-Mix papers), the generated share, misses and pool stats; writes
-``preview.png`` (original, generated, mask, hybrid, fractal, final: DiffuseMix Figure 4; for recipes that pool
-only an edit, such as Diff-Mix: source, edit, source -> target class and strength) and ``metrics.json``.
+``preview.png`` (the recipe's own rows where it has them, e.g. De-DA's original, mask, CIP, CDP, edited CDP,
+composite; for recipes that pool only an edit, such as Diff-Mix: source, edit, source -> target class and strength;
+otherwise DiffuseMix Figure 4: original, generated, mask, hybrid, fractal, final) and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -146,16 +147,10 @@ def write_edit_preview(loader: OnlineGenAugLoader, samples: list[dict], path: Pa
     return len(samples)
 
 
-def write_preview(loader: OnlineGenAugLoader, path: Path, *, count: int = 4, tile: int = 128) -> int:
-    """DiffuseMix Figure 4 from pooled samples: rows original, generated, mask, hybrid, fractal, final (for
-    recipes that pool only an edit, :func:`write_edit_preview`)."""
-    samples = loader.pool.peek(count) if loader.pool is not None else []
-    if not samples:
-        return 0
-    if "original" not in samples[0]:
-        return write_edit_preview(loader, samples, path, tile=tile)
+
+def _diffusemix_rows(loader: OnlineGenAugLoader, samples: list[dict], generator: torch.Generator) -> dict:
+    """DiffuseMix Figure 4: rows original, generated, mask, hybrid, fractal, final."""
     recipe, ctx, size = loader.recipe, loader.context, loader.image_size
-    generator = torch_generator(loader.seed, "preview")
     fractal_index = torch.randint(ctx.fractals.shape[0], (len(samples),), generator=generator)
     rows = {name: [] for name in ("original", "generated", "mask", "hybrid", "fractal", "final")}
     for i, sample in enumerate(samples):
@@ -168,8 +163,24 @@ def write_preview(loader: OnlineGenAugLoader, path: Path, *, count: int = 4, til
         hybrid = ops.concat_blend(original[None], generated[None], mask, fractal[None], 0.0)[0]
         final = ops.concat_blend(original[None], generated[None], mask, fractal[None], recipe.lam)[0]
         for name, image in zip(rows, (original, generated, mask, hybrid, fractal, final)):
-            rows[name].append(_tile(image, tile))
-    _write_canvas(rows, path, tile)
+            rows[name].append(image)
+    return rows
+
+
+def write_preview(loader: OnlineGenAugLoader, path: Path, *, count: int = 4, tile: int = 128) -> int:
+    """A figure of pooled samples: the recipe's ``preview_rows`` (De-DA: original, mask, CIP, CDP, edited CDP,
+    composite); for recipes that pool only an edit (Diff-Mix, DA-Fusion) :func:`write_edit_preview`; else DiffuseMix
+    Figure 4 (original, generated, mask, hybrid, fractal, final)."""
+    samples = loader.pool.peek(count) if loader.pool is not None else []
+    if not samples:
+        return 0
+    generator = torch_generator(loader.seed, "preview", device=loader.device)
+    rows = loader.recipe.preview_rows(samples, loader.dataset, loader.context, generator)
+    if rows is None:
+        if "original" not in samples[0]:
+            return write_edit_preview(loader, samples, path, tile=tile)
+        rows = _diffusemix_rows(loader, samples, torch_generator(loader.seed, "preview"))
+    _write_canvas({name: [_tile(image, tile) for image in images] for name, images in rows.items()}, path, tile)
     return len(samples)
 
 
@@ -182,9 +193,11 @@ def run_demo(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     tiny = args.generator == "tiny"
     generation_size = args.generation_size or (args.image_size if tiny else None)
-    recipe_options = {}
+    recipe_options = dict(args.recipe_option or [])
     if args.num_inference_steps or tiny:
         recipe_options["num_inference_steps"] = args.num_inference_steps or 4
+    if args.recipe == "deda":  # SyntheticShapes knows its exact masks; tiny random segmenters would find noise
+        recipe_options.setdefault("segmenter", "dataset")
     dataset = SyntheticShapes(num_classes=args.num_classes, size=args.image_size, length=args.length, seed=args.seed)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -270,6 +283,16 @@ def run_demo(args: argparse.Namespace) -> dict:
     return metrics
 
 
+def _recipe_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", default="genmix")
     parser.add_argument("--generator", default="tiny", help='"tiny", a hub id, or a local diffusers folder')
@@ -282,6 +305,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: the image size with the tiny generator, the recipe's otherwise")
     parser.add_argument("--num-inference-steps", type=int, default=None,
                         help="default: 4 with the tiny generator, the recipe's otherwise")
+    parser.add_argument("--recipe-option", action="append", type=_recipe_option, metavar="KEY=VALUE",
+                        help="a recipe option (VALUE read as JSON, else as a string), e.g. p_mix=0.25; repeatable")
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--length", type=int, default=2000)
     parser.add_argument("--p-aug", type=float, default=0.5)

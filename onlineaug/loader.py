@@ -34,7 +34,8 @@ from onlineaug.devices import parse_device
 from onlineaug.images import DEFAULT_RESIZE, RESIZE_MODES, EpochTaggedSampler, ItemFormat, UInt8ImageDataset, load_label
 from onlineaug.models import LoadPolicy, ensure_available, resolve_models
 from onlineaug.pool import PoolSpec, SamplePool, check_shm_capacity
-from onlineaug.producer import ProducerSettings, counter_names, fingerprint_bytes, prepare_cache_key, reject_reasons
+from onlineaug.producer import (ProducerSettings, counter_names, fingerprint_bytes, index_cache_key, prepare_cache_key,
+                                reject_reasons)
 from onlineaug.producer_processes import PRODUCER_ENV, ProducerGroup, Shared, make_report_dir
 from onlineaug.recipes import BatchContext, Recipe, get_recipe
 from onlineaug.seeding import derive_seed, numpy_generator, torch_generator
@@ -415,6 +416,9 @@ class OnlineGenAugLoader:
             settings.prepared_path = os.path.join(report_dir, "prepared.pt")
             if self.cache_dir is not None:
                 settings.prepare_cache_path = os.path.join(self.cache_dir, "prepared", f"{self.recipe.name}-{key}.pt")
+        index_key = index_cache_key(settings, fingerprint_bytes(self._dataset_bytes)) if self.cache_dir else None
+        if index_key is not None:  # the recipe's per-index results (De-DA's segmentation), next to its preparation
+            settings.index_cache_dir = os.path.join(self.cache_dir, "prepared", f"{self.recipe.name}-index-{index_key}")
         return settings
 
     def _publish_sources(self) -> SourceSet:

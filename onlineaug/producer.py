@@ -61,6 +61,7 @@ class ProducerSettings:
     prepared_path: str | None = None  # where the prepared state is shared (None: the recipe prepares nothing)
     prepare_cache_path: str | None = None  # the on-disk cache file for it (None: no cache)
     item_format: ItemFormat = dataclasses.field(default_factory=ItemFormat)  # dict keys, crop geometry
+    index_cache_dir: str | None = None  # the folder for the recipe's per-index results (None: no disk cache)
 
 
 def reject_reasons(recipe: Recipe) -> tuple[str, ...]:
@@ -85,6 +86,22 @@ def prepare_cache_key(settings: ProducerSettings, dataset_fingerprint: str, sour
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
+def index_cache_key(settings: ProducerSettings, dataset_fingerprint: str) -> str | None:
+    """The per-index cache's key: (dataset, the models of the roles it names, recipe settings), or None if none.
+
+    Unlike :func:`prepare_cache_key` it leaves out the source set (results are per index, whoever draws it).
+    """
+    key = settings.recipe.index_cache_key()
+    if key is None:
+        return None
+    roles = [role for role in key.get("roles", tuple(settings.specs)) if role in settings.specs]
+    models = {role: (describe_model(settings.roles[role], settings.specs[role]),
+                     dataclasses.asdict(settings.specs[role])) for role in roles}
+    text = repr((settings.recipe.name, sorted(key.items()), dataset_fingerprint, sorted(models.items()),
+                 settings.image_size, settings.seed))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
 class Producer:
     """One producer's models and state; :meth:`step` makes one batch of payload rows."""
 
@@ -105,7 +122,8 @@ class Producer:
             device=self.device, rank=rank, trainer_rank=settings.trainer_rank, num_classes=settings.num_classes,
             class_names=settings.class_names, image_size=settings.image_size, sources=sources,
             generator=torch_generator(settings.seed, role, rank, generation, device=self.device),
-            rng=numpy_generator(settings.seed, f"{role}/jobs", rank, generation), dataset=settings.dataset)
+            rng=numpy_generator(settings.seed, f"{role}/jobs", rank, generation), dataset=settings.dataset,
+            cache_dir=settings.index_cache_dir)
         self.context.state = self._prepared_state()
         # random crops of source images (resize="random_resized_crop"): a seeded stream per producer and restart
         self._crop_rng = numpy_generator(settings.seed, f"{role}/crops", rank, generation)
@@ -233,7 +251,8 @@ class Producer:
                 raise TypeError(f"recipe {name!r}: field {field!r} is {array.dtype} {array.shape[1:]}, the pool "
                                 f"expects {fields[field].dtype} {fields[field].shape}")
             if np.issubdtype(array.dtype, np.floating):
-                finite &= np.isfinite(array.reshape(m, -1)).all(axis=1)
+                per_row = int(np.prod(array.shape[1:], dtype=np.int64))  # not -1: m may be 0 (every row rejected)
+                finite &= np.isfinite(array.reshape(m, per_row)).all(axis=1)
             host[field] = array
         if not finite.all():
             rejected.setdefault(NON_FINITE, []).extend(rows[~finite].tolist())
@@ -294,11 +313,11 @@ def fingerprint_bytes(data: bytes) -> str:
 
 
 __all__ = ["DROPPED", "NON_FINITE", "Producer", "ProducerSettings", "counter_names", "fingerprint_bytes", "standalone_context",
-           "prepare_cache_key", "reject_reasons"]
+           "index_cache_key", "prepare_cache_key", "reject_reasons"]
 
 
 def standalone_context(*, num_classes: int, image_size: int, device="cpu", class_names=None, sources=None,
-                       dataset=None, seed: int = 0, state=None) -> ProducerContext:
+                       dataset=None, seed: int = 0, state=None, cache_dir: str | None = None) -> ProducerContext:
     """A :class:`ProducerContext` outside a loader, to call a recipe's ``produce`` directly (tests, benchmarks)."""
     device = torch.device(device)
     if sources is None:
@@ -307,4 +326,5 @@ def standalone_context(*, num_classes: int, image_size: int, device="cpu", class
     return ProducerContext(device=device, rank=0, trainer_rank=0, num_classes=num_classes, class_names=class_names,
                            image_size=image_size, sources=sources,
                            generator=torch_generator(seed, "standalone", device=device),
-                           rng=numpy_generator(seed, "standalone/jobs"), dataset=dataset, state=state)
+                           rng=numpy_generator(seed, "standalone/jobs"), dataset=dataset, state=state,
+                           cache_dir=cache_dir)

@@ -13,6 +13,9 @@ Producer side (in a producer process, on a generator device; the same code would
     ``prepare(models, ctx)``  once per loader, before producing: state computed from the data (DiffCoRe-Mix's
                             per-class CLIP thresholds). Its result is shared by every producer, kept across
                             restarts and cached on disk under ``prepare_key()``.
+    ``index_cache_key()``   for results computed lazily per dataset index while producing (De-DA's segmentation):
+                            the settings they depend on. With a loader ``cache_dir``, ``ctx.cache_dir`` is then a
+                            folder for them, keyed by this, the dataset and the models of ``key["roles"]``.
     ``plan_jobs(ctx, n)``   which sources the next ``n`` generations start from (default: ``n`` indices drawn
                             from what the trainer's sampler can yield), plus per-job values (target class,
                             strength, ...).
@@ -138,6 +141,7 @@ class ProducerContext:
     rng: np.random.Generator  # seeded, on the host: for planning
     dataset: Any = None  # the user's dataset (for recipes that read masks or other item fields)
     state: Any = None  # what ``prepare`` returned (None before / without preparation)
+    cache_dir: str | None = None  # a folder for per-index results (see ``Recipe.index_cache_key``), or None
 
     def class_name(self, label: int) -> str:
         if self.class_names is None:
@@ -221,6 +225,14 @@ class Recipe(abc.ABC):
         """The settings that change what ``prepare`` computes (part of its cache key), or None: no preparation."""
         return None
 
+    def index_cache_key(self) -> dict | None:
+        """The settings that change what this recipe caches per dataset index, or None: no per-index disk cache.
+
+        An optional ``"roles"`` entry (a tuple of role names) limits the models the key depends on to those
+        (default: every role), so that changing another model keeps the cache.
+        """
+        return None
+
     def prepare(self, models: Mapping[str, Any], ctx: ProducerContext):
         """State computed once per loader from the data, before producing (picklable; tensors on the CPU)."""
         return None
@@ -242,6 +254,12 @@ class Recipe(abc.ABC):
     def apply(self, batch: Batch, params: Mapping[str, torch.Tensor], ctx: BatchContext):
         """``(images, targets)`` or ``(images, targets, info)``: normalised images (B,3,S,S) in ``ctx.out_dtype``,
         soft targets (B,K), and per-sample (B,) tensors worth logging."""
+
+    def preview_rows(self, samples: list[dict], dataset, ctx: BatchContext,
+                     generator: torch.Generator) -> dict[str, list[torch.Tensor]] | None:
+        """The rows of the demo's ``preview.png`` for some pooled ``samples`` (field -> host array each): row name
+        -> one float image (3, S, S) or (S, S) in [0, 1] per sample. None: the demo's DiffuseMix figure."""
+        return None
 
     def describe(self) -> dict:
         """The recipe's settings, for logs and metrics files."""
