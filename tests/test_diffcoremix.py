@@ -1,0 +1,319 @@
+"""DiffCoRe-Mix: prompts and negative prompts, Eq. 5 thresholds and the hard-cosine filter, Eqs. 6-8 mixing."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from onlineaug import ops
+from onlineaug.recipes import Batch, BatchContext, get_recipe
+from onlineaug.recipes.diffcoremix import (
+    CONTEXTS,
+    COSXL_SCHEDULER_CONFIG,
+    MODE_PATCH,
+    MODE_PIXEL,
+    MODE_RAW,
+    MODE_REAL,
+    NEGATIVE_PROMPT,
+    clean_class_name,
+    negative_prompt_for,
+    sample_inner_boxes,
+    sample_pairs,
+)
+from onlineaug.sources import SourceSet
+
+MEAN = torch.tensor([0.485, 0.456, 0.406])
+STD = torch.tensor([0.229, 0.224, 0.225])
+WORD = r"[a-z0-9]+"
+
+
+def words(text):
+    import re
+
+    return set(re.findall(WORD, text.lower()))
+
+
+# ------------------------------------------------------------------------------------------- prompts
+def test_contexts_templates_and_negatives_are_the_official_ones():
+    recipe = get_recipe("diffcoremix")
+    assert recipe.contexts == CONTEXTS and len(CONTEXTS) == 16
+    assert CONTEXTS[0] == "in the garden" and CONTEXTS[-1] == "cutting through thick clouds in an overcast sky."
+    assert recipe.prompt_text("024.Red_faced_Cormorant", 0) == "A Red faced Cormorant, a photo, in the garden"
+    assert get_recipe("diffcoremix", dataset_type="cub200").prompt_text("tabby_cat", 11) == \
+        "A tabby cat, a cub200, casting a shadow over an expansive ocean."
+    snow = get_recipe("diffcoremix", prompt_set="heavy_snow", dataset_type="bird")
+    assert snow.contexts == () and snow.num_prompts == 1
+    assert snow.prompt_text("001.Black_footed_Albatross", 0) == \
+        "Generate heavy snow to the Black footed Albatross, a bird object"
+    assert NEGATIVE_PROMPT[:3] == ("train", "car", "newspaper") and len(NEGATIVE_PROMPT) == 22
+    assert (recipe.num_inference_steps, recipe.guidance_scale, recipe.generation_size) == (50, 12.0, 512)
+    assert (recipe.z, recipe.max_retries, recipe.p_pixel, recipe.p_raw) == (64, 3, 0.5, 0.0)
+    assert recipe.threshold is None and recipe.reference == "source"
+    roles = recipe.model_roles()
+    assert roles["generate"].kind == "text2img" and roles["generate"].architecture == "sdxl"
+    assert roles["generate"].scheduler == "edm_euler"
+    assert dict(roles["generate"].scheduler_config) == dict(sigma_min=0.002, sigma_max=120.0, sigma_data=1.0,
+                                                            prediction_type="v_prediction",
+                                                            sigma_schedule="exponential") == COSXL_SCHEDULER_CONFIG
+    assert roles["filter"].kind == "clip" and roles["filter"].default == "openai/clip-vit-base-patch32"
+    plain = get_recipe("diffcoremix", scheduler=None).model_roles()["generate"]
+    assert plain.scheduler is None and dict(plain.scheduler_config) == {}  # keep the weights' own scheduler
+
+
+def test_clean_class_name_follows_the_official_code():
+    assert clean_class_name("024.Red_faced_Cormorant") == "Red faced Cormorant"
+    assert clean_class_name("sports car") == "sports car" and clean_class_name("7_up") == "7 up"
+
+
+def test_negative_prompt_drops_phrases_that_share_a_word_with_the_prompt_or_class():
+    negatives = ("car", "road lines", "traffic lights", "sky", "bus", "paper texture")
+    assert negative_prompt_for(negatives, "A cat, a photo, in the garden", "cat") == \
+        "car, road lines, traffic lights, sky, bus, paper texture"
+    # "sky" is in the prompt; "lights" matches "light" (plural); the class "Cars" removes "car"
+    assert negative_prompt_for(negatives, "A Cars, a photo, soft light under a stormy sky", "Cars") == \
+        "road lines, bus, paper texture"
+    assert negative_prompt_for(negatives, "on the road", "buses") == "car, traffic lights, sky, paper texture"
+    assert negative_prompt_for(negatives, "x", "Paper") == "car, road lines, traffic lights, sky, bus"
+
+
+@pytest.mark.parametrize("class_name", ["car", "Sports_Car", "airliner", "bus", "tree frog", "Ferrari 458"])
+def test_the_negative_prompt_never_holds_a_word_of_its_positive_prompt(class_name):
+    recipe = get_recipe("diffcoremix", dataset_type="stanford cars")
+    for prompt_id in range(recipe.num_prompts):
+        positive = recipe.prompt_text(class_name, prompt_id)
+        negative = recipe.negative_text(class_name, positive)
+        assert not words(negative) & words(positive), (positive, negative)
+        singular = {w[:-1] for w in words(positive) if w.endswith("s")}
+        assert not words(negative) & singular, (positive, negative)  # nor the singular of a plural
+        kept = {p for p in negative.split(", ") if p}
+        assert kept <= set(NEGATIVE_PROMPT)  # whole phrases, never a phrase cut into another
+        assert "sky" not in kept or "sky" not in words(positive)
+    assert "car" not in recipe.negative_text("car", recipe.prompt_text("car", 0)).split(", ")
+    assert "car" not in recipe.negative_text("cat", recipe.prompt_text("cat", 0)).split(", ")  # dataset_type
+    recipe = get_recipe("diffcoremix")
+    # contexts that name the sky or a landscape lose those negatives; "in the garden" keeps them
+    assert "sky" not in recipe.negative_text("cat", recipe.prompt_text("cat", 1)).split(", ")
+    assert "landscape" not in recipe.negative_text("cat", recipe.prompt_text("cat", 8)).split(", ")
+    assert recipe.negative_text("cat", recipe.prompt_text("cat", 0)) == ", ".join(NEGATIVE_PROMPT)
+
+
+def test_negative_prompt_as_a_diffusers_string_or_a_list():
+    assert get_recipe("diffcoremix", negative_prompt="blurry, low quality ,").negative_prompt == ("blurry", "low quality")
+    assert get_recipe("diffcoremix", negative_prompt=[]).negative_text("cat", "A cat") == ""
+
+
+@pytest.mark.parametrize("options, error, message", [
+    (dict(prompt_set="snow"), ValueError, r"prompt_set='snow' is invalid: expected one of \['contextual', 'heavy_snow'\]"),
+    (dict(prompt_template="A photo"), ValueError,
+     "prompt_template='A photo' is invalid: expected a template containing '{class_name}'"),
+    (dict(prompt_template="A {class_name} {style}"), ValueError,
+     r"prompt_template='A {class_name} {style}' is invalid: expected a template with only the fields "
+     r"\['class_name', 'dataset_type', 'context'\]"),
+    (dict(prompt_set="heavy_snow", contexts=["at night"]), ValueError,
+     r"contexts=\['at night'\] is invalid: expected None: the prompt template has no '{context}' field"),
+    (dict(prompt_set="heavy_snow", prompt_template="{class_name}, {context}"), ValueError,
+     "contexts=None is invalid: expected a list of contexts: prompt_template has a '{context}' field and "
+     "prompt_set='heavy_snow' has none"),
+    (dict(contexts="in the rain"), TypeError, r"contexts='in the rain' is invalid: expected a list \(for one value"),
+    (dict(contexts=[]), ValueError, r"contexts=\[\] is invalid: expected a list of at least 1 item"),
+    (dict(dataset_type=""), TypeError, "dataset_type='' is invalid: expected a non-empty string"),
+    (dict(negative_prompt=["sky", 3]), TypeError, r"negative_prompt\[1\]=3 is invalid: expected a non-empty string"),
+    (dict(threshold=1.5), ValueError, r"threshold=1.5 is invalid: expected a number in \[-1.0, 1.0\]"),
+    (dict(threshold="0.6"), TypeError, "threshold='0.6' is invalid: expected a number"),
+    (dict(reference="last"), ValueError, r"reference='last' is invalid: expected one of \['source', 'first'\]"),
+    (dict(z=0), ValueError, "z=0 is invalid: expected an int >= 1"),
+    (dict(z=6.4), TypeError, r"z=6.4 is invalid: expected an int \(2.9 would be truncated silently\)"),
+    (dict(max_retries=-1), ValueError, "max_retries=-1 is invalid: expected an int >= 0"),
+    (dict(p_pixel=1.2), ValueError, r"p_pixel=1.2 is invalid: expected a number in \[0.0, 1.0\]"),
+    (dict(p_raw=float("nan")), ValueError, "p_raw=nan is invalid: expected a finite number"),
+    (dict(guidance_scale=-1), ValueError, "guidance_scale=-1 is invalid: expected a number >= 0.0"),
+    (dict(num_inference_steps=0), ValueError, "num_inference_steps=0 is invalid: expected an int >= 1"),
+    (dict(generation_size=500), ValueError, "generation_size=500 is invalid: expected a positive multiple of 8"),
+    (dict(scheduler=""), TypeError, "scheduler='' is invalid: expected a non-empty string"),
+])
+def test_options_are_validated_with_the_recipe_name(options, error, message):
+    with pytest.raises(error, match=r"^recipe 'diffcoremix': option " + message):
+        get_recipe("diffcoremix", **options)
+
+
+# ------------------------------------------------------------------------------------- Eq. 5's pairs
+@pytest.mark.parametrize("count, z", [(2, 64), (5, 10), (12, 64), (40, 64), (200, 7)])
+def test_sample_pairs_are_distinct_unordered_and_all_of_them_when_few(count, z):
+    pairs = sample_pairs(count, z, np.random.default_rng(0))
+    total = count * (count - 1) // 2
+    assert pairs.shape == (min(z, total), 2) and pairs.dtype == np.int64
+    assert (pairs[:, 0] < pairs[:, 1]).all() and pairs.min() >= 0 and pairs.max() < count
+    assert len({tuple(p) for p in pairs.tolist()}) == len(pairs)
+    if total <= z:
+        expected = [(i, j) for i in range(count) for j in range(i + 1, count)]
+        assert [tuple(p) for p in pairs.tolist()] == expected
+
+
+def test_sample_pairs_are_uniform_over_all_pairs():
+    count, rng = 6, np.random.default_rng(1)
+    hits = np.zeros((count, count))
+    for _ in range(3000):
+        for i, j in sample_pairs(count, 5, rng):
+            hits[i, j] += 1
+    upper = hits[np.triu_indices(count, 1)]
+    expected = 3000 * 5 / 15
+    assert np.abs(upper - expected).max() < 5 * math.sqrt(expected)  # each of the 15 pairs equally often
+
+
+# ---------------------------------------------------------------------------------------- job planning
+def test_plan_jobs_draws_classes_in_proportion_to_the_sampler_and_sources_of_that_class():
+    from onlineaug.producer import standalone_context
+
+    labels = np.array([0] * 6 + [1] * 3 + [2] * 1 + [3] * 2)
+    indices = np.arange(len(labels)) + 100
+    weights = np.ones(len(labels))
+    weights[-2:] = 0  # class 3 is held out by the sampler
+    sources = SourceSet(indices, weights, labels)
+    recipe = get_recipe("diffcoremix")
+    ctx = standalone_context(num_classes=4, image_size=16, sources=sources, seed=3)
+    jobs = recipe.plan_jobs(ctx, 6000)
+    label_of = dict(zip(indices.tolist(), labels.tolist()))
+    drawn = np.array([label_of[i] for i in jobs.indices.tolist()])
+    shares = np.bincount(drawn, minlength=4) / len(drawn)
+    np.testing.assert_allclose(shares, [0.6, 0.3, 0.1, 0.0], atol=0.02)
+    assert set(jobs.indices.tolist()) <= set(indices[:10].tolist())
+    ids = jobs.values["prompt_id"]
+    assert ids.min() >= 0 and ids.max() == 15 and np.abs(np.bincount(ids) / len(ids) - 1 / 16).max() < 0.015
+
+    first = get_recipe("diffcoremix", reference="first", threshold=0.6).plan_jobs(ctx, 200)
+    assert set(first.indices.tolist()) == {100, 106, 109}  # each class's first image (the official code)
+
+
+# --------------------------------------------------------------------------------------------- mixing
+def context(device, size, num_classes=5, smoothing=0.0):
+    return BatchContext(num_classes=num_classes, image_size=size, mean=MEAN.to(device), std=STD.to(device),
+                        label_smoothing=smoothing, out_dtype=torch.float32, p_aug=1.0, fractals=None)
+
+
+def make_batch(device, size=16, count=12, num_classes=5, seed=0, generated=None):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(num_classes, (count,), generator=g)
+    fields = {
+        "image": torch.randint(0, 256, (count, 3, size, size), generator=g, dtype=torch.uint8),
+        "generated": torch.randint(0, 256, (count, 3, size, size), generator=g, dtype=torch.uint8),
+        "label": labels, "index": torch.arange(count) + 50, "real_index": torch.arange(count),
+        "similarity": torch.rand(count, generator=g), "tau": torch.rand(count, generator=g),
+        "prompt_id": torch.randint(16, (count,), generator=g), "retries": torch.zeros(count, dtype=torch.int64),
+    }
+    if generated is None:
+        generated = torch.rand(count, generator=g) < 0.8
+    return Batch(fields={k: v.to(device) for k, v in fields.items()}, generated=generated.to(device))
+
+
+def box_mask(box, size):
+    y0, x0, y1, x1 = box.tolist()
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+@pytest.mark.parametrize("p_raw", [0.0, 0.3])
+def test_mixing_follows_eqs_6_to_8_row_by_row(device, p_raw):
+    size = 16
+    recipe = get_recipe("diffcoremix", p_raw=p_raw)
+    ctx = context(device, size)
+    batch = make_batch(device, size=size, count=24, seed=1)
+    params = recipe.sample_params(batch, ctx, torch.Generator(device=device).manual_seed(2))
+    images, targets, info = recipe.apply(batch, params, ctx)
+    images, targets = images.cpu(), targets.cpu()
+    p = {k: v.cpu() for k, v in params.items()}
+    info = {k: v.cpu() for k, v in info.items()}
+    f = {k: v.cpu() for k, v in batch.fields.items()}
+    real, gen = ops.normalize(f["image"], MEAN, STD), ops.normalize(f["generated"], MEAN, STD)
+    modes = set()
+    for b in range(batch.size):
+        mode = int(p["mode"][b])
+        modes.add(mode)
+        lam = float(p["lam"][b])
+        if not batch.generated[b]:
+            assert mode == MODE_REAL
+            expected, share = real[b], 1.0
+        elif mode == MODE_PIXEL:  # Eq. 6
+            expected, share = lam * real[b] + (1 - lam) * gen[b], lam
+        elif mode == MODE_PATCH:  # Eq. 7: I's patch on G, or G's patch on I
+            mask = box_mask(p["boxes"][b], size)
+            inside, outside = (real[b], gen[b]) if p["real_in_box"][b] else (gen[b], real[b])
+            expected = torch.where(mask, inside, outside)
+            share = float(mask.float().mean()) if p["real_in_box"][b] else 1 - float(mask.float().mean())
+            assert (info["box"][b] == p["boxes"][b]).all()
+        else:
+            assert mode == MODE_RAW
+            expected, share = gen[b], 0.0
+        torch.testing.assert_close(images[b], expected, rtol=1e-5, atol=1e-5)
+        assert float(info["real_share"][b]) == pytest.approx(share, abs=1e-6)
+        assert int(info["eta"][b]) == {MODE_PIXEL: 1, MODE_PATCH: 0}.get(mode, -1)
+        assert math.isnan(info["lam"][b]) == (mode != MODE_PIXEL)
+        if mode != MODE_PATCH:
+            assert (info["box"][b] == -1).all() and not info["real_in_box"][b]
+        assert math.isnan(info["similarity"][b]) == (not batch.generated[b])
+        if batch.generated[b]:
+            assert info["similarity"][b] == f["similarity"][b] and info["tau"][b] == f["tau"][b]
+    assert {MODE_REAL, MODE_PIXEL, MODE_PATCH} <= modes and (MODE_RAW in modes) == (p_raw > 0)
+    # I and G share the class: one-hot targets, rows sum to 1
+    torch.testing.assert_close(targets, torch.nn.functional.one_hot(f["label"], 5).float())
+    assert torch.equal(info["real_index"], f["real_index"])
+
+
+def test_label_smoothing_keeps_rows_summing_to_one(device):
+    recipe = get_recipe("diffcoremix")
+    ctx = context(device, 16, num_classes=5, smoothing=0.1)
+    batch = make_batch(device, generated=torch.ones(12, dtype=torch.bool))
+    targets = recipe.apply(batch, recipe.sample_params(batch, ctx, torch.Generator(device=device)), ctx)[1].cpu()
+    torch.testing.assert_close(targets.sum(1), torch.ones(12))
+    expected = torch.nn.functional.one_hot(batch.fields["label"].cpu(), 5).float() * 0.9 + 0.1 / 5
+    torch.testing.assert_close(targets, expected)
+
+
+def ks_uniform(values):
+    """Kolmogorov-Smirnov distance of samples in [0, 1] from U(0, 1)."""
+    x = np.sort(np.asarray(values, dtype=np.float64))
+    n = len(x)
+    return max((np.arange(1, n + 1) / n - x).max(), (x - np.arange(n) / n).max())
+
+
+def test_eta_lam_and_box_statistics_match_their_distributions(device):
+    size, count = 64, 20000
+    recipe = get_recipe("diffcoremix", p_pixel=0.5, p_raw=0.2)
+    ctx = context(device, size)
+    batch = make_batch(device, size=8, count=count,
+                       generated=torch.rand(count, generator=torch.Generator().manual_seed(4)) < 0.75)
+    batch.fields["image"] = torch.zeros(count, 3, size, size, dtype=torch.uint8, device=device)  # only the shape
+    params = {k: v.cpu() for k, v in recipe.sample_params(batch, ctx, torch.Generator(device=device).manual_seed(9)).items()}
+    mode, generated = params["mode"], batch.generated.cpu()
+    assert (mode[~generated] == MODE_REAL).all() and (mode[generated] != MODE_REAL).all()
+    n = int(generated.sum())
+    bound = 4 * math.sqrt(0.25 / n)
+    raw = (mode[generated] == MODE_RAW).float().mean()
+    assert abs(raw - 0.2) < bound  # p_raw
+    mixed = mode[generated & (mode != MODE_RAW)]
+    assert abs((mixed == MODE_PIXEL).float().mean() - 0.5) < bound  # eta ~ Bernoulli(0.5)
+    pixel, patch = mode == MODE_PIXEL, mode == MODE_PATCH
+    assert ks_uniform(params["lam"][pixel]) < 1.63 / math.sqrt(int(pixel.sum()))  # lam ~ U(0, 1)
+    boxes = params["boxes"][patch]
+    heights, widths = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= size).all() and (boxes[:, 3] <= size).all()  # inside
+    assert torch.equal(heights, widths)  # the image's aspect ratio (square here)
+    area = (heights * widths).float() / size**2
+    np.testing.assert_allclose(area, (torch.floor(params["area"][patch].sqrt() * size + 0.5) / size) ** 2)
+    assert ks_uniform(area) < 1.63 / math.sqrt(len(area)) + 1.0 / size  # U(0, 1) up to whole pixels
+    free = (size - heights + 1).float()  # the positions where the box fits
+    jitter = torch.rand(len(free), generator=torch.Generator().manual_seed(0))
+    for start in (boxes[:, 0], boxes[:, 1]):  # y0 and x0 uniform over them (a randomised PIT is then U(0, 1))
+        assert ks_uniform((start.float() + jitter) / free) < 1.63 / math.sqrt(len(free))
+    assert abs(params["real_in_box"][patch].float().mean() - 0.5) < 4 * math.sqrt(0.25 / len(area))
+    assert not params["real_in_box"][~patch].any() and (params["boxes"][~patch] == 0).all()
+
+
+def test_inner_boxes_have_the_asked_area_and_stay_inside():
+    area = torch.tensor([0.0, 1.0, 0.25, 0.5])
+    boxes = sample_inner_boxes(area, 20, 40, torch.Generator().manual_seed(0))
+    sides = torch.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], 1)
+    assert sides.tolist() == [[0, 0], [20, 40], [10, 20], [14, 28]]  # round(sqrt(a) * H) x round(sqrt(a) * W)
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 20).all() and (boxes[:, 3] <= 40).all()
+    assert boxes[1].tolist() == [0, 0, 20, 40]
