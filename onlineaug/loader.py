@@ -276,7 +276,7 @@ class OnlineGenAugLoader:
             check_shm_capacity(probe.data_bytes + probe.control_bytes, num_slots=self.pool_size,
                                slot_bytes=probe.slot_bytes)
             for role, spec in self.specs.items():  # fail now, not in a producer, if weights are missing
-                ensure_available(role, self.roles[role], spec)
+                ensure_available(role, self.roles[role], spec, dataset=dataset)
             try:
                 self._dataset_bytes = pickle.dumps(dataset)
             except Exception as error:  # noqa: BLE001 - any pickling failure means the same thing

@@ -64,13 +64,19 @@ def _diffusion_task(role: ModelRole) -> str:
     return role.kind
 
 
-def ensure_available(role_name: str, role: ModelRole, spec: ModelSpec) -> None:
-    """Raise now, in the calling process, what :func:`load_model` would raise for missing weights."""
+def ensure_available(role_name: str, role: ModelRole, spec: ModelSpec, dataset=None) -> None:
+    """Raise now, in the calling process, what :func:`load_model` would raise for missing weights.
+
+    ``dataset``: the training dataset (a ``dataset-masks`` segmenter checks that it provides masks).
+    """
     from onlineaug.generators import ensure_available as ensure_pipeline
 
     if role.kind in DIFFUSION_KINDS:
         source = spec.random_weights[0] if spec.is_random else spec.source
         ensure_pipeline(source, _diffusion_task(role))
+        return
+    if role.kind in PERCEPTION_KINDS:
+        _ensure_perception(role_name, role, spec, dataset)
         return
     raise NotImplementedError(f"model kind {role.kind!r} (role {role_name!r}) is not available yet")
 
@@ -81,6 +87,8 @@ def describe_model(role: ModelRole, spec: ModelSpec) -> str:
 
     if role.kind in DIFFUSION_KINDS:
         return describe(spec.random_weights[0] if spec.is_random else spec.source, _diffusion_task(role))
+    if role.kind in PERCEPTION_KINDS:
+        return _describe_perception(role, spec)
     return f"{role.kind} from {spec.source}"
 
 
@@ -97,4 +105,44 @@ def load_model(role: ModelRole, spec: ModelSpec, *, device: torch.device | str, 
         source = spec.random_weights[0] if spec.is_random else spec.source
         return load_pipeline(source, _diffusion_task(role), device=device, compile_unet=bool(policy.compile),
                              seed=seed, scheduler=role.scheduler)
+    if role.kind in PERCEPTION_KINDS:
+        return _load_perception(role, spec, device=device, policy=policy, seed=seed, dataset=dataset)
     raise NotImplementedError(f"model kind {role.kind!r} is not available yet")
+
+
+# ----------------------------------------------------------------------------- perception kinds (CLIP, segmenters)
+PERCEPTION_KINDS = ("clip",) + SEGMENTER_KINDS
+
+
+def _load_perception(role: ModelRole, spec: ModelSpec, *, device, policy: LoadPolicy, seed: int, dataset):
+    from onlineaug.devices import parse_device
+
+    device = parse_device(device)
+    if role.kind == "clip":
+        from onlineaug.models.clip import load_clip
+
+        return load_clip(role, spec, device=device, policy=policy, seed=seed)
+    from onlineaug.models.segmenters import load_segmenter
+
+    return load_segmenter(role, spec, device=device, policy=policy, seed=seed, dataset=dataset)
+
+
+def _ensure_perception(role_name: str, role: ModelRole, spec: ModelSpec, dataset) -> None:
+    if role.kind == "clip":
+        from onlineaug.models.clip import ensure_clip_available
+
+        ensure_clip_available(role_name, role, spec)
+        return
+    from onlineaug.models.segmenters import ensure_segmenter_available
+
+    ensure_segmenter_available(role_name, role, spec, dataset=dataset)
+
+
+def _describe_perception(role: ModelRole, spec: ModelSpec) -> str:
+    if role.kind == "clip":
+        from onlineaug.models.clip import describe_clip
+
+        return describe_clip(spec)
+    from onlineaug.models.segmenters import describe_segmenter
+
+    return describe_segmenter(role, spec)
