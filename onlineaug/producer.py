@@ -223,7 +223,7 @@ class Producer:
                 raise TypeError(f"recipe {name!r}: field {field!r} is {array.dtype} {array.shape[1:]}, the pool "
                                 f"expects {fields[field].dtype} {fields[field].shape}")
             if np.issubdtype(array.dtype, np.floating):
-                finite &= np.isfinite(array.reshape(m, -1)).all(axis=1)
+                finite &= np.isfinite(array).all(axis=tuple(range(1, array.ndim)))  # m may be 0
             host[field] = array
         if not finite.all():
             rejected.setdefault(NON_FINITE, []).extend(rows[~finite].tolist())
