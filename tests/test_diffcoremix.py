@@ -317,3 +317,170 @@ def test_inner_boxes_have_the_asked_area_and_stay_inside():
     assert sides.tolist() == [[0, 0], [20, 40], [10, 20], [14, 28]]  # round(sqrt(a) * H) x round(sqrt(a) * W)
     assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 20).all() and (boxes[:, 3] <= 40).all()
     assert boxes[1].tolist() == [0, 0, 20, 40]
+
+
+# ------------------------------------------------------------------------------ producer side, tiny models
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster than oversubscribing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_models(recipe, generate="tiny-sd15"):
+    from onlineaug.models import ModelSpec, load_model
+
+    roles = recipe.model_roles()
+    return {"generate": load_model(roles["generate"], ModelSpec(generate), device="cpu", seed=0),
+            "filter": load_model(roles["filter"], ModelSpec("tiny"), device="cpu", seed=0)}
+
+
+@pytest.fixture(scope="module")
+def models(one_thread):
+    return tiny_models(get_recipe("diffcoremix", scheduler=None))
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    from onlineaug.datasets import SyntheticShapes
+
+    return SyntheticShapes(num_classes=3, size=SIZE, length=48, seed=0)
+
+
+def embed(embedder, dataset, indices, size=SIZE):
+    """The CLIP embeddings of dataset images at the training size, straight from the embedder."""
+    from onlineaug.images import image_to_uint8, resize_uint8
+
+    images = torch.stack([resize_uint8(image_to_uint8(dataset[int(i)][0], int(i)), size) for i in indices])
+    return embedder.embed_images(images).double()
+
+
+def test_tau_k_is_the_mean_cosine_over_z_pairs_of_the_class_real_images(models, shapes):
+    from itertools import combinations
+
+    from onlineaug.producer import standalone_context
+
+    # class 0: 8 images (28 pairs > z = 6: 6 random pairs); class 1: 4 images (6 pairs <= z: all); class 2: 1
+    indices = np.array([0, 3, 6, 9, 12, 15, 18, 21] + [1, 4, 7, 10] + [2])
+    sources = SourceSet(indices, None, indices % 3)
+    recipe = get_recipe("diffcoremix", z=6, scheduler=None)
+    states = [recipe.prepare(models, standalone_context(num_classes=3, image_size=SIZE, sources=sources,
+                                                        dataset=shapes, seed=seed)) for seed in (0, 1)]
+    state = states[0]
+    clip = models["filter"]
+    pairs = state["pairs"][0]
+    assert pairs.shape == (6, 2) and len({tuple(sorted(p)) for p in pairs.tolist()}) == 6
+    assert set(pairs.ravel().tolist()) <= set(indices[:8].tolist()) and (pairs[:, 0] != pairs[:, 1]).all()
+    cosine = (embed(clip, shapes, pairs[:, 0]) * embed(clip, shapes, pairs[:, 1])).sum(1)
+    assert state["tau"][0].item() == pytest.approx(cosine.mean().item(), abs=1e-6)
+    every = list(combinations(indices[8:12].tolist(), 2))  # all 6 pairs of class 1, by hand
+    cosine = torch.stack([(embed(clip, shapes, [i]) * embed(clip, shapes, [j])).sum() for i, j in every])
+    assert state["tau"][1].item() == pytest.approx(cosine.mean().item(), abs=1e-6)
+    assert sorted(map(tuple, state["pairs"][1].tolist())) == sorted(every)
+    assert math.isnan(state["tau"][2]) and 2 not in state["pairs"]  # one image: no pair
+    assert state["default_tau"] == pytest.approx(float(state["tau"][:2].mean()), abs=1e-6)
+    assert recipe.thresholds_for(torch.tensor([2, 1]), state).tolist() == pytest.approx(
+        [state["default_tau"], state["tau"][1].item()])
+    # the pairs depend on the source set only: whichever producer prepares, the thresholds are the same
+    torch.testing.assert_close(states[1]["tau"], state["tau"], rtol=0, atol=0, equal_nan=True)
+    assert recipe.prepare_key() == {"z": 6, "eq5": "mean cosine over distinct pairs, v1"}
+    fixed = get_recipe("diffcoremix", threshold=0.6, scheduler=None)
+    assert fixed.prepare_key() is None and fixed.prepare(models, None) is None
+    with pytest.raises(ValueError, match="needs two real images of a class.*pass threshold=0.6"):
+        recipe.prepare(models, standalone_context(num_classes=3, image_size=SIZE, dataset=shapes,
+                                                  sources=SourceSet(np.array([0, 1, 2]), None, np.array([0, 1, 2]))))
+
+
+def source_batch(dataset, indices, prompt_ids, attempts=None):
+    from onlineaug.images import load_item
+    from onlineaug.recipes import SourceBatch
+
+    loaded = [load_item(dataset, int(i), SIZE, 3) for i in indices]
+    images = torch.stack([image for image, _ in loaded])
+    return SourceBatch(images=images, originals=images, labels=torch.tensor([label for _, label in loaded]),
+                       indices=torch.tensor(indices), values={"prompt_id": torch.tensor(prompt_ids)},
+                       attempts=torch.zeros(len(indices), dtype=torch.int64) if attempts is None else attempts)
+
+
+def test_the_filter_keeps_exactly_the_rows_above_tau_and_rejects_the_others(models, shapes):
+    from onlineaug.producer import standalone_context
+
+    recipe = get_recipe("diffcoremix", generation_size=SIZE, num_inference_steps=2, scheduler=None)
+    batch = source_batch(shapes, [0, 1, 2, 4, 5, 6], [0, 1, 8, 3, 4, 15])
+    calls = []
+
+    def spy(**kwargs):  # the real tiny pipeline, with its arguments recorded
+        calls.append(kwargs)
+        return models["generate"](**kwargs)
+
+    spied = {**models, "generate": spy}
+    ctx = lambda state: standalone_context(num_classes=3, image_size=SIZE, class_names=shapes.classes, seed=4,  # noqa: E731
+                                           dataset=shapes, state=state)
+    everything = {"tau": torch.full((3,), -1.0), "pairs": {}, "default_tau": -1.0}
+    first = recipe.produce(spied, batch, ctx(everything))
+    assert first.rejected == {} and first.rows.tolist() == list(range(6))
+    payload = first.payload
+    # S(I, G): the cosine of CLIP embeddings of the real source and of the generated image, recomputed here
+    clip = models["filter"]
+    expected = (clip.embed_images(payload["generated"]) * clip.embed_images(batch.originals)).sum(1)
+    torch.testing.assert_close(payload["similarity"], expected, rtol=0, atol=1e-6)
+    call = calls[0]
+    assert call["prompt"][2] == "A triangle, a photo, passing through a vast, open desert landscape."
+    assert call["negative_prompt"][2] == recipe.negative_text("triangle", call["prompt"][2])
+    assert "landscape" not in call["negative_prompt"][2] and "sky" not in call["negative_prompt"][1]
+    assert (call["guidance_scale"], call["num_inference_steps"], call["height"], call["width"]) == (12.0, 2, SIZE, SIZE)
+
+    similarity = payload["similarity"]
+    labels = batch.labels
+    assert labels.tolist() == [0, 1, 2, 1, 2, 0]
+    tau = torch.stack([similarity[labels == k].min() for k in range(3)])  # each class's lower row sits at tau
+    second = recipe.produce(models, batch, ctx({"tau": tau, "pairs": {}, "default_tau": 0.0}))  # same seed
+    torch.testing.assert_close(second.payload["similarity"], similarity[second.rows])
+    keep = similarity > tau[labels]  # hard cosine: strictly above the class's threshold
+    assert int(keep.sum()) == 3  # equal to tau is not above it
+    assert second.rows.tolist() == keep.nonzero().flatten().tolist()
+    assert set(second.rejected) == {"clip_filter"}
+    assert second.rejected["clip_filter"].tolist() == (~keep).nonzero().flatten().tolist()
+    assert (second.payload["similarity"] > second.payload["tau"]).all()
+    torch.testing.assert_close(second.payload["tau"], tau[labels][keep])
+    assert torch.equal(second.payload["label"], labels[keep]) and torch.equal(second.payload["index"], batch.indices[keep])
+    assert torch.equal(second.payload["prompt_id"], batch.values["prompt_id"][keep])
+    fields = recipe.pool_fields(SIZE)
+    assert set(second.payload) == set(fields)
+    for name, field in fields.items():
+        assert tuple(second.payload[name].shape[1:]) == field.shape and str(second.payload[name].dtype) == f"torch.{field.dtype}"
+    # the official code's fixed threshold needs no preparation
+    strict = get_recipe("diffcoremix", generation_size=SIZE, num_inference_steps=2, scheduler=None, threshold=1.0)
+    assert strict.produce(models, batch, ctx(None)).rejected["clip_filter"].tolist() == list(range(6))
+    with pytest.raises(RuntimeError, match="per-class thresholds computed in prepare"):
+        recipe.produce(models, batch, ctx(None))
+
+
+def test_rejected_jobs_are_regenerated_up_to_max_retries_and_counted(models, shapes):
+    from onlineaug.models import LoadPolicy, ModelSpec
+    from onlineaug.producer import Producer, ProducerSettings
+
+    recipe = get_recipe("diffcoremix", generation_size=SIZE, num_inference_steps=1, scheduler=None, threshold=1.0,
+                        max_retries=2)
+    labels = np.arange(len(shapes)) % 3
+    settings = ProducerSettings(
+        recipe=recipe, dataset=shapes, num_classes=3, class_names=shapes.classes, image_size=SIZE, batch_size=2,
+        seed=0, trainer_rank=0, roles=recipe.model_roles(),
+        specs={"generate": ModelSpec("tiny-sd15"), "filter": ModelSpec("tiny")}, policy=LoadPolicy(),
+        pool_fields=recipe.pool_fields(SIZE), labels=labels)
+    producer = Producer(settings, rank=0, device="cpu", sources=SourceSet(np.arange(len(shapes)), None, labels))
+    seen = []
+    produce = recipe.produce
+    recipe.produce = lambda models, batch, ctx: seen.append((batch.indices.tolist(), batch.attempts.tolist())) or \
+        produce(models, batch, ctx)
+    rows = [producer.step() for _ in range(4)]
+    assert all(len(r["label"]) == 0 for r in rows)  # nothing passes cos > 1
+    first, attempts = seen[0]
+    assert attempts == [0, 0] and seen[1] == (first, [1, 1]) and seen[2] == (first, [2, 2])  # the same jobs again
+    assert seen[3][1] == [0, 0]  # after max_retries regenerations a job is given up; fresh jobs follow
+    assert producer.counts["rejected:clip_filter"] == 8 and producer.counts["rejected:dropped"] == 0
