@@ -1,13 +1,15 @@
 """DiffCoRe-Mix: prompts and negative prompts, Eq. 5 thresholds and the hard-cosine filter, Eqs. 6-8 mixing."""
 
 import math
+import os
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from onlineaug import ops
-from onlineaug.recipes import Batch, BatchContext, get_recipe
+from onlineaug.recipes import Batch, BatchContext, get_recipe, register_recipe
 from onlineaug.recipes.diffcoremix import (
     CONTEXTS,
     COSXL_SCHEDULER_CONFIG,
@@ -16,6 +18,7 @@ from onlineaug.recipes.diffcoremix import (
     MODE_RAW,
     MODE_REAL,
     NEGATIVE_PROMPT,
+    DiffCoReMix,
     clean_class_name,
     negative_prompt_for,
     sample_inner_boxes,
@@ -342,7 +345,7 @@ def tiny_models(recipe, generate="tiny-sd15"):
 
 @pytest.fixture(scope="module")
 def models(one_thread):
-    return tiny_models(get_recipe("diffcoremix", scheduler=None))
+    return tiny_models(get_recipe("diffcoremix"))
 
 
 @pytest.fixture(scope="module")
@@ -368,7 +371,7 @@ def test_tau_k_is_the_mean_cosine_over_z_pairs_of_the_class_real_images(models, 
     # class 0: 8 images (28 pairs > z = 6: 6 random pairs); class 1: 4 images (6 pairs <= z: all); class 2: 1
     indices = np.array([0, 3, 6, 9, 12, 15, 18, 21] + [1, 4, 7, 10] + [2])
     sources = SourceSet(indices, None, indices % 3)
-    recipe = get_recipe("diffcoremix", z=6, scheduler=None)
+    recipe = get_recipe("diffcoremix", z=6)
     states = [recipe.prepare(models, standalone_context(num_classes=3, image_size=SIZE, sources=sources,
                                                         dataset=shapes, seed=seed)) for seed in (0, 1)]
     state = states[0]
@@ -389,7 +392,7 @@ def test_tau_k_is_the_mean_cosine_over_z_pairs_of_the_class_real_images(models, 
     # the pairs depend on the source set only: whichever producer prepares, the thresholds are the same
     torch.testing.assert_close(states[1]["tau"], state["tau"], rtol=0, atol=0, equal_nan=True)
     assert recipe.prepare_key() == {"z": 6, "eq5": "mean cosine over distinct pairs, v1"}
-    fixed = get_recipe("diffcoremix", threshold=0.6, scheduler=None)
+    fixed = get_recipe("diffcoremix", threshold=0.6)
     assert fixed.prepare_key() is None and fixed.prepare(models, None) is None
     with pytest.raises(ValueError, match="needs two real images of a class.*pass threshold=0.6"):
         recipe.prepare(models, standalone_context(num_classes=3, image_size=SIZE, dataset=shapes,
@@ -410,7 +413,7 @@ def source_batch(dataset, indices, prompt_ids, attempts=None):
 def test_the_filter_keeps_exactly_the_rows_above_tau_and_rejects_the_others(models, shapes):
     from onlineaug.producer import standalone_context
 
-    recipe = get_recipe("diffcoremix", generation_size=SIZE, num_inference_steps=2, scheduler=None)
+    recipe = get_recipe("diffcoremix", generation_size=SIZE, num_inference_steps=2)
     batch = source_batch(shapes, [0, 1, 2, 4, 5, 6], [0, 1, 8, 3, 4, 15])
     calls = []
 
@@ -455,7 +458,7 @@ def test_the_filter_keeps_exactly_the_rows_above_tau_and_rejects_the_others(mode
     for name, field in fields.items():
         assert tuple(second.payload[name].shape[1:]) == field.shape and str(second.payload[name].dtype) == f"torch.{field.dtype}"
     # the official code's fixed threshold needs no preparation
-    strict = get_recipe("diffcoremix", generation_size=SIZE, num_inference_steps=2, scheduler=None, threshold=1.0)
+    strict = get_recipe("diffcoremix", generation_size=SIZE, num_inference_steps=2, threshold=1.0)
     assert strict.produce(models, batch, ctx(None)).rejected["clip_filter"].tolist() == list(range(6))
     with pytest.raises(RuntimeError, match="per-class thresholds computed in prepare"):
         recipe.produce(models, batch, ctx(None))
@@ -465,7 +468,7 @@ def test_rejected_jobs_are_regenerated_up_to_max_retries_and_counted(models, sha
     from onlineaug.models import LoadPolicy, ModelSpec
     from onlineaug.producer import Producer, ProducerSettings
 
-    recipe = get_recipe("diffcoremix", generation_size=SIZE, num_inference_steps=1, scheduler=None, threshold=1.0,
+    recipe = get_recipe("diffcoremix", generation_size=SIZE, num_inference_steps=1, threshold=1.0,
                         max_retries=2)
     labels = np.arange(len(shapes)) % 3
     settings = ProducerSettings(
@@ -484,3 +487,88 @@ def test_rejected_jobs_are_regenerated_up_to_max_retries_and_counted(models, sha
     assert attempts == [0, 0] and seen[1] == (first, [1, 1]) and seen[2] == (first, [2, 2])  # the same jobs again
     assert seen[3][1] == [0, 0]  # after max_retries regenerations a job is given up; fresh jobs follow
     assert producer.counts["rejected:clip_filter"] == 8 and producer.counts["rejected:dropped"] == 0
+
+
+def test_sdxl_and_sd15_tiny_pipelines_both_generate_with_cosxl_settings(models, shapes):
+    from onlineaug.producer import standalone_context
+
+    recipe = get_recipe("diffcoremix", generation_size=SIZE, num_inference_steps=2)
+    sdxl = tiny_models(recipe, generate="tiny-sdxl")["generate"]
+    batch = source_batch(shapes, [0, 1], [3, 9])
+    accept_all = {"tau": torch.full((3,), -1.0), "pairs": {}, "default_tau": -1.0}
+    for architecture, pipe in (("sd15", models["generate"]), ("sdxl", sdxl)):
+        assert pipe.architecture == architecture
+        scheduler = pipe.scheduler
+        assert type(scheduler).__name__ == "EDMEulerScheduler"
+        assert {k: scheduler.config[k] for k in COSXL_SCHEDULER_CONFIG} == COSXL_SCHEDULER_CONFIG
+        ctx = standalone_context(num_classes=3, image_size=SIZE, class_names=shapes.classes, seed=0, state=accept_all)
+        produced = recipe.produce({"generate": pipe, "filter": models["filter"]}, batch, ctx)
+        generated = produced.payload["generated"]
+        assert produced.rows.tolist() == [0, 1] and generated.shape == (2, 3, SIZE, SIZE)
+        assert generated.dtype == torch.uint8 and generated.float().std() > 0
+        clip = models["filter"]
+        expected = (clip.embed_images(generated) * clip.embed_images(batch.originals)).sum(1)
+        torch.testing.assert_close(produced.payload["similarity"], expected, rtol=0, atol=1e-6)
+
+
+class CountingDiffCoReMix(DiffCoReMix):
+    """DiffCoRe-Mix that logs each call of ``prepare`` (from any process) to a file."""
+
+    name = "test-diffcoremix-counting"
+
+    def __init__(self, *, prepare_log: str, **options):
+        super().__init__(**options)
+        self.prepare_log = prepare_log
+
+    def prepare(self, models, ctx):
+        with open(self.prepare_log, "a") as log:
+            log.write(f"{os.getpid()} producer {ctx.rank}\n")
+        return super().prepare(models, ctx)
+
+
+register_recipe(CountingDiffCoReMix)
+
+
+@pytest.mark.slow
+def test_end_to_end_two_producers_prepare_once_and_serve_only_filtered_samples_of_the_row_class(
+        shapes, tmp_path, device, one_thread):
+    from onlineaug import OnlineGenAugLoader
+    from onlineaug.recipes.diffcoremix import class_thresholds
+
+    log = tmp_path / "prepare.log"
+    recipe = CountingDiffCoReMix(prepare_log=str(log), generation_size=SIZE, num_inference_steps=2, z=8)
+    loader = OnlineGenAugLoader(
+        shapes, recipe=recipe, num_classes=3, batch_size=8, image_size=SIZE, generator="tiny",
+        generator_devices=["cpu", "cpu"], p_aug=0.75, pool_size=8, max_reuse=4, warmup=4, generator_batch_size=2,
+        num_workers=0, progress=False, return_info=True, seed=0, device=device, warmup_timeout=300)
+    labels = np.arange(len(shapes)) % 3  # SyntheticShapes: label = index % num_classes
+    with loader:
+        assert loader.class_names == ["circle", "square", "triangle"]
+        deadline = time.monotonic() + 240
+        while not (loader.pool.produced > 0).all() and time.monotonic() < deadline:  # both producers at work
+            loader.producers.poll()
+            time.sleep(0.1)
+        assert (loader.pool.produced > 0).all()
+        batches = list(loader)
+        stats = loader.stats()
+    assert len(log.read_text().splitlines()) == 1  # prepared once, shared by the second producer
+    expected = class_thresholds(tiny_models(recipe)["filter"], shapes, SourceSet(np.arange(48), None, labels),
+                                num_classes=3, image_size=SIZE, z=8)["tau"]
+    served = 0
+    for images, targets, info in batches:
+        info = {k: v.cpu() for k, v in info.items()}
+        generated = info["generated"]
+        assert images.shape == (8, 3, SIZE, SIZE) and torch.isfinite(images).all()
+        torch.testing.assert_close(targets.sum(1).cpu(), torch.ones(8))
+        real_labels = torch.from_numpy(labels[info["real_index"].numpy()])
+        assert torch.equal(info["label"], real_labels)  # every row keeps its real image's class
+        torch.testing.assert_close(targets.cpu(), torch.nn.functional.one_hot(real_labels, 3).float())
+        g = generated.nonzero().flatten()
+        served += len(g)
+        source_labels = torch.from_numpy(labels[info["index"][g].numpy()])
+        assert torch.equal(source_labels, real_labels[g])  # the pooled sample is of the row's class
+        assert (info["similarity"][g] > info["tau"][g]).all()  # never a sample at or below tau_k
+        torch.testing.assert_close(info["tau"][g], expected[real_labels[g]])  # both producers used one state
+        assert set(info["eta"][g].tolist()) <= {0, 1} and (info["eta"][~generated] == -1).all()
+    assert served == stats["generated"] > 0
+    assert set(stats["rejected"]) >= {"clip_filter", "non_finite", "dropped"}
