@@ -23,7 +23,7 @@ from torch import nn
 
 from onlineaug import ops
 from onlineaug.datasets import SyntheticShapes
-from onlineaug.images import UInt8ImageDataset
+from onlineaug.images import UInt8ImageDataset, load_item
 from onlineaug.loader import IMAGENET_MEAN, IMAGENET_STD, OnlineGenAugLoader
 from onlineaug.seeding import torch_generator
 
@@ -97,14 +97,18 @@ def _tile(image: torch.Tensor, size: int) -> np.ndarray:
 
 
 def write_preview(loader: OnlineGenAugLoader, path: Path, *, count: int = 4, tile: int = 128) -> int:
-    """DiffuseMix Figure 4 from pooled samples: rows original, generated, mask, hybrid, fractal, final."""
-    from PIL import Image, ImageDraw
-
+    """Pooled samples as the recipe shows them (its ``preview`` method, with a caption per tile), else DiffuseMix
+    Figure 4: rows original, generated, mask, hybrid, fractal, final."""
     samples = loader.pool.peek(count) if loader.pool is not None else []
     if not samples:
         return 0
     recipe, ctx, size = loader.recipe, loader.context, loader.image_size
     generator = torch_generator(loader.seed, "preview")
+    if hasattr(recipe, "preview"):  # e.g. DiffCoRe-Mix: real, generated (S vs tau), mix mode, result
+        real = torch.stack([load_item(loader.dataset, int(s["index"]), size, loader.num_classes)[0] for s in samples])
+        captioned = recipe.preview(samples, real, ctx, torch_generator(loader.seed, "preview", device=ctx.mean.device))
+        return _save_rows({name: [_tile(image, tile) for image, _ in row] for name, row in captioned.items()}, path,
+                          tile, captions={name: [text for _, text in row] for name, row in captioned.items()})
     fractal_index = torch.randint(ctx.fractals.shape[0], (len(samples),), generator=generator)
     rows = {name: [] for name in ("original", "generated", "mask", "hybrid", "fractal", "final")}
     for i, sample in enumerate(samples):
@@ -118,16 +122,28 @@ def write_preview(loader: OnlineGenAugLoader, path: Path, *, count: int = 4, til
         final = ops.concat_blend(original[None], generated[None], mask, fractal[None], recipe.lam)[0]
         for name, image in zip(rows, (original, generated, mask, hybrid, fractal, final)):
             rows[name].append(_tile(image, tile))
+    return _save_rows(rows, path, tile)
+
+
+def _save_rows(rows: dict[str, list[np.ndarray]], path: Path, tile: int, captions=None) -> int:
+    """One labelled row of tiles per entry (with an optional caption under each tile); returns the columns."""
+    from PIL import Image, ImageDraw
+
     label_width = 90
-    canvas = Image.new("RGB", (label_width + tile * len(samples), tile * len(rows)), "white")
+    columns = max(len(tiles) for tiles in rows.values())
+    canvas = Image.new("RGB", (label_width + tile * columns, tile * len(rows)), "white")
     draw = ImageDraw.Draw(canvas)
     for r, (name, tiles) in enumerate(rows.items()):
         draw.text((6, r * tile + tile // 2 - 6), name, fill="black")
         for c, array in enumerate(tiles):
             canvas.paste(Image.fromarray(array), (label_width + c * tile, r * tile))
+            if captions is not None:
+                x, y = label_width + c * tile + 3, (r + 1) * tile - 14
+                draw.rectangle((x - 2, y - 1, x + 6 * len(captions[name][c]) + 2, y + 11), fill="black")
+                draw.text((x, y), captions[name][c], fill="white")
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
-    return len(samples)
+    return columns
 
 
 def _table(rows: list[tuple[str, str]]) -> str:

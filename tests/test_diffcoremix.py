@@ -572,3 +572,44 @@ def test_end_to_end_two_producers_prepare_once_and_serve_only_filtered_samples_o
         assert set(info["eta"][g].tolist()) <= {0, 1} and (info["eta"][~generated] == -1).all()
     assert served == stats["generated"] > 0
     assert set(stats["rejected"]) >= {"clip_filter", "non_finite", "dropped"}
+
+
+def test_preview_rows_show_real_generated_similarity_mode_and_the_mixed_result(device):
+    size, count = 16, 4
+    recipe = get_recipe("diffcoremix")
+    ctx = context(device, size)
+    batch = make_batch("cpu", size=size, count=count, seed=5)
+    samples = [{name: batch.fields[name][i].numpy() for name in recipe.pool_fields(size)} for i in range(count)]
+    real = batch.fields["image"]
+    rows = recipe.preview(samples, real, ctx, torch.Generator(device=device).manual_seed(0))
+    assert list(rows) == ["real", "generated", "real in mix", "result"] and all(len(r) == count for r in rows.values())
+    for i in range(count):
+        torch.testing.assert_close(rows["real"][i][0], real[i].float() / 255)
+        generated = batch.fields["generated"][i].float() / 255
+        torch.testing.assert_close(rows["generated"][i][0], generated)
+        assert rows["generated"][i][1] == f"S={float(batch.fields['similarity'][i]):.3f} > tau={float(batch.fields['tau'][i]):.3f}"
+        where, caption = rows["real in mix"][i]
+        assert caption.startswith("pixel" if i % 2 == 0 else "patch")  # both modes show
+        # the result is the real image weighted by the mix map plus the generated one elsewhere
+        expected = where * (real[i].float() / 255) + (1 - where) * generated
+        torch.testing.assert_close(rows["result"][i][0], expected, rtol=0, atol=2e-6)
+
+
+@pytest.mark.slow
+def test_the_demo_runs_with_diffcoremix_and_writes_its_preview(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from onlineaug.__main__ import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--recipe", "diffcoremix", "--steps", "2", "--batch-size", "8", "--image-size", "32",
+                 "--length", "48", "--num-classes", "3", "--warmup", "2", "--pool-size", "8", "--num-workers", "0",
+                 "--num-inference-steps", "2", "--out", str(out), "--no-progress"]) == 0
+    assert "online diffcoremix steps/s" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["recipe"]["name"] == "diffcoremix" and metrics["loader_stats"]["produced"] >= 2
+    assert "clip_filter" in metrics["loader_stats"]["rejected"]
+    samples = metrics["preview_samples"]
+    assert samples >= 1 and Image.open(out / "preview.png").size == (90 + 128 * samples, 128 * 4)

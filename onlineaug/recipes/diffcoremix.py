@@ -421,6 +421,46 @@ class DiffCoReMix(Recipe):
                 "prompt_id": torch.where(g, batch.fields["prompt_id"], -1)}
         return images, targets, info
 
+    def preview(self, samples: Sequence[Mapping[str, np.ndarray]], real: torch.Tensor, ctx: BatchContext,
+                generator: torch.Generator) -> dict[str, list[tuple[torch.Tensor, str]]]:
+        """Rows of the demo's preview for pooled ``samples`` (``pool.peek``) and ``real`` (uint8 (n, 3, S, S)):
+        the real image, the generated one with its similarity and tau_k, where the real image is in the mix
+        (white: all of it, gray: ``lam``), and the mixed result, each as ``(float (3, S, S) or (S, S) in [0, 1],
+        caption)``. The modes alternate pixel-wise / patch-wise so that both show."""
+        device = ctx.mean.device
+        count = len(samples)
+        stacked = {name: torch.from_numpy(np.stack([s[name] for s in samples])).to(device)
+                   for name in self.pool_fields(ctx.image_size)}
+        batch = Batch(fields={**stacked, "image": real.to(device), "real_index": stacked["index"]},
+                      generated=torch.ones(count, dtype=torch.bool, device=device))
+        params = self.sample_params(batch, ctx, generator)
+        height, width = real.shape[-2:]
+        pixel = torch.arange(count, device=device) % 2 == 0
+        params["mode"] = torch.where(pixel, torch.full_like(params["mode"], MODE_PIXEL), MODE_PATCH)
+        boxes = sample_inner_boxes(params["area"], height, width, generator)
+        params["boxes"] = torch.where(pixel[:, None], torch.zeros_like(boxes), boxes)
+        params["real_in_box"] = params["real_in_box"] & ~pixel
+        images, _, info = self.apply(batch, params, ctx)
+        result = (images.float() * ctx.std.view(1, -1, 1, 1) + ctx.mean.view(1, -1, 1, 1)).clamp(0, 1).cpu()
+        rows = {"real": [], "generated": [], "real in mix": [], "result": []}
+        for i in range(count):
+            similarity, tau = float(stacked["similarity"][i]), float(stacked["tau"][i])
+            if pixel[i]:
+                where = torch.full((height, width), float(info["lam"][i]))
+                how = f"pixel lam={float(info['lam'][i]):.2f}"
+            else:
+                y0, x0, y1, x1 = info["box"][i].tolist()
+                inside = torch.zeros(height, width)
+                inside[y0:y1, x0:x1] = 1
+                where = inside if bool(info["real_in_box"][i]) else 1 - inside
+                how = f"patch, {'I in G' if bool(info['real_in_box'][i]) else 'G in I'}"
+            rows["real"].append((real[i].float() / 255, f"class {int(stacked['label'][i])}"))
+            rows["generated"].append((torch.from_numpy(samples[i]["generated"]).float() / 255,
+                                      f"S={similarity:.3f} > tau={tau:.3f}"))
+            rows["real in mix"].append((where, how))
+            rows["result"].append((result[i], f"real share {float(info['real_share'][i]):.2f}"))
+        return rows
+
 
 def sample_inner_boxes(area: torch.Tensor, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
     """int64 (B, 4) boxes ``(y0, x0, y1, x1)`` (half-open) of the image's aspect ratio with area fraction
