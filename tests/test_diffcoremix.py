@@ -102,12 +102,14 @@ def test_the_negative_prompt_never_holds_a_word_of_its_positive_prompt(class_nam
 
 
 def test_negative_prompt_as_a_diffusers_string_or_a_list():
-    assert get_recipe("diffcoremix", negative_prompt="blurry, low quality ,").negative_prompt == ("blurry", "low quality")
+    recipe = get_recipe("diffcoremix", negative_prompt="blurry, low quality ,")
+    assert recipe.negative_prompt == ("blurry", "low quality")
     assert get_recipe("diffcoremix", negative_prompt=[]).negative_text("cat", "A cat") == ""
 
 
 @pytest.mark.parametrize("options, error, message", [
-    (dict(prompt_set="snow"), ValueError, r"prompt_set='snow' is invalid: expected one of \['contextual', 'heavy_snow'\]"),
+    (dict(prompt_set="snow"), ValueError,
+     r"prompt_set='snow' is invalid: expected one of \['contextual', 'heavy_snow'\]"),
     (dict(prompt_template="A photo"), ValueError,
      "prompt_template='A photo' is invalid: expected a template containing '{class_name}'"),
     (dict(prompt_template="A {class_name} {style}"), ValueError,
@@ -287,7 +289,8 @@ def test_eta_lam_and_box_statistics_match_their_distributions(device):
     batch = make_batch(device, size=8, count=count,
                        generated=torch.rand(count, generator=torch.Generator().manual_seed(4)) < 0.75)
     batch.fields["image"] = torch.zeros(count, 3, size, size, dtype=torch.uint8, device=device)  # only the shape
-    params = {k: v.cpu() for k, v in recipe.sample_params(batch, ctx, torch.Generator(device=device).manual_seed(9)).items()}
+    params = recipe.sample_params(batch, ctx, torch.Generator(device=device).manual_seed(9))
+    params = {k: v.cpu() for k, v in params.items()}
     mode, generated = params["mode"], batch.generated.cpu()
     assert (mode[~generated] == MODE_REAL).all() and (mode[generated] != MODE_REAL).all()
     n = int(generated.sum())
@@ -422,8 +425,10 @@ def test_the_filter_keeps_exactly_the_rows_above_tau_and_rejects_the_others(mode
         return models["generate"](**kwargs)
 
     spied = {**models, "generate": spy}
-    ctx = lambda state: standalone_context(num_classes=3, image_size=SIZE, class_names=shapes.classes, seed=4,  # noqa: E731
-                                           dataset=shapes, state=state)
+    def ctx(state):
+        return standalone_context(num_classes=3, image_size=SIZE, class_names=shapes.classes, seed=4, dataset=shapes,
+                                  state=state)
+
     everything = {"tau": torch.full((3,), -1.0), "pairs": {}, "default_tau": -1.0}
     first = recipe.produce(spied, batch, ctx(everything))
     assert first.rejected == {} and first.rows.tolist() == list(range(6))
@@ -451,12 +456,14 @@ def test_the_filter_keeps_exactly_the_rows_above_tau_and_rejects_the_others(mode
     assert second.rejected["clip_filter"].tolist() == (~keep).nonzero().flatten().tolist()
     assert (second.payload["similarity"] > second.payload["tau"]).all()
     torch.testing.assert_close(second.payload["tau"], tau[labels][keep])
-    assert torch.equal(second.payload["label"], labels[keep]) and torch.equal(second.payload["index"], batch.indices[keep])
+    assert torch.equal(second.payload["label"], labels[keep])
+    assert torch.equal(second.payload["index"], batch.indices[keep])
     assert torch.equal(second.payload["prompt_id"], batch.values["prompt_id"][keep])
     fields = recipe.pool_fields(SIZE)
     assert set(second.payload) == set(fields)
     for name, field in fields.items():
-        assert tuple(second.payload[name].shape[1:]) == field.shape and str(second.payload[name].dtype) == f"torch.{field.dtype}"
+        value = second.payload[name]
+        assert tuple(value.shape[1:]) == field.shape and str(value.dtype) == f"torch.{field.dtype}"
     # the official code's fixed threshold needs no preparation
     strict = get_recipe("diffcoremix", generation_size=SIZE, num_inference_steps=2, threshold=1.0)
     assert strict.produce(models, batch, ctx(None)).rejected["clip_filter"].tolist() == list(range(6))
@@ -587,7 +594,8 @@ def test_preview_rows_show_real_generated_similarity_mode_and_the_mixed_result(d
         torch.testing.assert_close(rows["real"][i][0], real[i].float() / 255)
         generated = batch.fields["generated"][i].float() / 255
         torch.testing.assert_close(rows["generated"][i][0], generated)
-        assert rows["generated"][i][1] == f"S={float(batch.fields['similarity'][i]):.3f} > tau={float(batch.fields['tau'][i]):.3f}"
+        similarity, tau = float(batch.fields["similarity"][i]), float(batch.fields["tau"][i])
+        assert rows["generated"][i][1] == f"S={similarity:.3f} > tau={tau:.3f}"
         where, caption = rows["real in mix"][i]
         assert caption.startswith("pixel" if i % 2 == 0 else "patch")  # both modes show
         # the result is the real image weighted by the mix map plus the generated one elsewhere

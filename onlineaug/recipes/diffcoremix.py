@@ -349,13 +349,12 @@ class DiffCoReMix(Recipe):
             guidance_scale=self.guidance_scale, height=self.generation_size, width=self.generation_size,
             generator=per_sample, output_type="pt",
         ).images
-        generated, finite = to_uint8(pixels, ctx.image_size)
-        generated = generated.cpu()
+        generated, finite = to_uint8(pixels, ctx.image_size)  # on the generator's device
         # S(I, G) (P§3): cosine of the CLIP image embeddings of the real source and the generated image, both at
-        # the training size (as tau_k's real images were embedded)
+        # the training size (as tau_k's real images were embedded and as the trainer mixes them)
         embedder = models["filter"]
-        similarity = (embedder.embed_images(generated).float() * embedder.embed_images(batch.originals).float()
-                      ).sum(1).cpu()
+        similarity = (embedder.embed_images(generated) * embedder.embed_images(batch.originals)).sum(1).float().cpu()
+        generated = generated.cpu()
         tau = self.thresholds_for(labels, ctx.state)
         accepted = finite & (similarity > tau)  # R(G) = 1 iff S > tau (hard cosine)
         rows = accepted.nonzero().flatten()
@@ -387,7 +386,8 @@ class DiffCoReMix(Recipe):
         boxes = sample_inner_boxes(area, height, width, generator)
         boxes = torch.where((mode == MODE_PATCH)[:, None], boxes, torch.zeros_like(boxes))
         real_in_box = torch.rand(size, generator=generator, device=device) < 0.5
-        return {"mode": mode, "lam": lam, "area": area, "boxes": boxes, "real_in_box": real_in_box & (mode == MODE_PATCH)}
+        return {"mode": mode, "lam": lam, "area": area, "boxes": boxes,
+                "real_in_box": real_in_box & (mode == MODE_PATCH)}
 
     def apply(self, batch: Batch, params: Mapping[str, torch.Tensor], ctx: BatchContext):
         real, generated = batch.fields["image"], batch.fields["generated"]
