@@ -203,6 +203,29 @@ def class_thresholds(embedder, dataset, sources, *, num_classes: int, image_size
 # ------------------------------------------------------------------------------------------------- recipe
 @register_recipe
 class DiffCoReMix(Recipe):
+    """DiffCoRe-Mix (see the module docstring). Options (``recipe_options``):
+
+    Args:
+        prompt_set: ``"contextual"`` (the official code's template and 16 contexts) or ``"heavy_snow"`` (P§4).
+        prompt_template: overrides the set's template; fields ``{class_name}`` (required), ``{dataset_type}``,
+            ``{context}``. contexts: overrides the set's contexts (only with a ``{context}`` field).
+        dataset_type: the ``{dataset_type}`` text; the official code passes its ``--dataset`` string ("cub200").
+        negative_prompt: phrases (a list, or one comma-separated string); default the official list. Phrases
+            sharing a word with the positive prompt or the class name are dropped per prompt.
+        num_inference_steps, guidance_scale, generation_size: 50, 12 and 512 px, as the official code.
+        scheduler: a name of :data:`onlineaug.models.diffusion.SCHEDULERS`; ``"edm_euler"`` comes with CosXL's
+            settings. None keeps the scheduler stored with the weights (an SD 1.x checkpoint).
+        threshold: None: Eq. 5's per-class ``tau_k``; a number: that fixed threshold (the code's 0.6).
+        reference: ``"source"``: compare G with its own real source (the paper); ``"first"``: with the class's
+            first image (lowest dataset index the sampler yields; the code's ``image_filenames[0]``).
+        z: pairs per class for Eq. 5. max_retries: regenerations of a rejected job.
+        p_pixel: ``pi`` of Eq. 8 (pixel-wise vs patch-wise). p_raw: share of replaced rows served as raw ``G``.
+        embed_batch_size: images per CLIP call while preparing.
+
+    Replaced rows take a pooled image of their own class, so the pool should hold a few samples of every class
+    (``pool_size`` several times ``num_classes``); with none ready the row stays real and a miss is counted.
+    """
+
     name = "diffcoremix"
     paper = "Islam and Akhtar, Context-guided Responsible Data Augmentation with Diffusion Models, 2025"
     main_role = "generate"
