@@ -25,7 +25,7 @@ from torch import nn
 
 from onlineaug import ops
 from onlineaug.datasets import SyntheticShapes
-from onlineaug.images import UInt8ImageDataset
+from onlineaug.images import UInt8ImageDataset, load_item
 from onlineaug.loader import IMAGENET_MEAN, IMAGENET_STD, OnlineGenAugLoader
 from onlineaug.seeding import torch_generator
 
@@ -98,8 +98,9 @@ def _tile(image: torch.Tensor, size: int) -> np.ndarray:
     return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
-def _write_canvas(rows: dict[str, list[np.ndarray]], path: Path, tile: int, captions: list[str] = ()) -> None:
-    """Named rows of tiles, with a caption under each column (if any)."""
+def _write_canvas(rows: dict[str, list[np.ndarray]], path: Path, tile: int, captions: list[str] = (),
+                  tile_captions: dict[str, list[str]] | None = None) -> None:
+    """Named rows of tiles, with a caption under each column (if any) and on each tile (``tile_captions``)."""
     from PIL import Image, ImageDraw
 
     label_width, caption_height = 90, 28 if captions else 0
@@ -110,6 +111,10 @@ def _write_canvas(rows: dict[str, list[np.ndarray]], path: Path, tile: int, capt
         draw.text((6, r * tile + tile // 2 - 6), name, fill="black")
         for c, array in enumerate(tiles):
             canvas.paste(Image.fromarray(array), (label_width + c * tile, r * tile))
+            if tile_captions is not None:
+                x, y = label_width + c * tile + 3, (r + 1) * tile - 14
+                draw.rectangle((x - 2, y - 1, x + 6 * len(tile_captions[name][c]) + 2, y + 11), fill="black")
+                draw.text((x, y), tile_captions[name][c], fill="white")
     for c, caption in enumerate(captions):
         draw.multiline_text((label_width + c * tile + 4, tile * len(rows) + 2), caption, fill="black", spacing=2)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,6 +179,18 @@ def write_preview(loader: OnlineGenAugLoader, path: Path, *, count: int = 4, til
     samples = loader.pool.peek(count) if loader.pool is not None else []
     if not samples:
         return 0
+    recipe, size = loader.recipe, loader.image_size
+    if hasattr(recipe, "preview"):  # e.g. DiffCoRe-Mix: real, generated (S vs tau), mix mode, result; captioned
+        from onlineaug.images import ItemFormat
+
+        view = ItemFormat(resize="center_crop")
+        real = torch.stack([load_item(loader.dataset, int(s["index"]), size, loader.num_classes, view)[0]
+                            for s in samples])
+        captioned = recipe.preview(samples, real, loader.context,
+                                   torch_generator(loader.seed, "preview", device=loader.context.mean.device))
+        _write_canvas({name: [_tile(image, tile) for image, _ in row] for name, row in captioned.items()}, path, tile,
+                      tile_captions={name: [text for _, text in row] for name, row in captioned.items()})
+        return len(samples)
     generator = torch_generator(loader.seed, "preview", device=loader.device)
     rows = loader.recipe.preview_rows(samples, loader.dataset, loader.context, generator)
     if rows is None:

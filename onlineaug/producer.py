@@ -251,8 +251,7 @@ class Producer:
                 raise TypeError(f"recipe {name!r}: field {field!r} is {array.dtype} {array.shape[1:]}, the pool "
                                 f"expects {fields[field].dtype} {fields[field].shape}")
             if np.issubdtype(array.dtype, np.floating):
-                per_row = int(np.prod(array.shape[1:], dtype=np.int64))  # not -1: m may be 0 (every row rejected)
-                finite &= np.isfinite(array.reshape(m, per_row)).all(axis=1)
+                finite &= np.isfinite(array).all(axis=tuple(range(1, array.ndim)))  # m may be 0
             host[field] = array
         if not finite.all():
             rejected.setdefault(NON_FINITE, []).extend(rows[~finite].tolist())

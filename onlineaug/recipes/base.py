@@ -23,8 +23,9 @@ Producer side (in a producer process, on a generator device; the same code would
                             (:class:`Produced`: rejected rows, by reason, are regenerated up to ``max_retries``).
 
 Trainer side (in the training process, on the trainer's device)
-    ``real_fields``         which batch fields a real sample fills: field name -> "image" (``label`` and ``index``
-                            are always filled).
+    ``real_fields``         which batch fields a real sample fills: field name -> "image", "label" or "index"
+                            (``label`` and ``index`` are always filled; another name keeps the real sample's
+                            value in a row replaced from the pool, e.g. DiffCoRe-Mix's ``real_index``).
     ``serve_match``         None: a replaced row takes any pooled sample; ``"class"``: one of the row's class;
                             ``"index"``: an edit of the row's own image.
     ``sample_params(...)``  draw this batch's per-sample parameters with an explicit ``torch.Generator``.

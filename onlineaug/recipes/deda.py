@@ -532,12 +532,13 @@ class DeDA(Recipe):
                      generator: torch.Generator) -> dict[str, list[torch.Tensor]]:
         """original, mask (the CDP's alpha back in its frame), CIP, CDP and edited CDP (over the grey matte), and
         a composite of the samples with each other (this recipe's own ``sample_params`` and ``apply``)."""
-        from onlineaug.images import load_item
+        from onlineaug.images import ItemFormat, load_item
 
         device, size = ctx.mean.device, ctx.image_size
+        view = ItemFormat(resize="center_crop")  # a deterministic view of the source (the producer's crop is not kept)
         fields = {name: torch.stack([torch.as_tensor(np.asarray(s[name])) for s in samples]).to(device)
                   for name in self.pool_fields(size)}
-        fields["image"] = torch.stack([load_item(dataset, int(s["index"]), size, ctx.num_classes)[0]
+        fields["image"] = torch.stack([load_item(dataset, int(s["index"]), size, ctx.num_classes, view)[0]
                                        for s in samples]).to(device)
         batch = Batch(fields=fields, generated=torch.ones(len(samples), dtype=torch.bool, device=device))
         plain = dataclasses.replace(ctx, mean=torch.zeros_like(ctx.mean), std=torch.ones_like(ctx.std),
