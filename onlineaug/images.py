@@ -70,6 +70,13 @@ class ItemFormat:
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"resize={self.resize!r} is not one of {list(RESIZE_MODES)}")
 
+    def deterministic(self) -> "ItemFormat":
+        """The same keys with a crop that needs no random draw (``center_crop`` for ``random_resized_crop``):
+        for reference images (a recipe's preparation, previews), as torchvision evaluates with a center crop."""
+        if self.resize != "random_resized_crop":
+            return self
+        return dataclasses.replace(self, resize="center_crop")
+
 
 def _describe(value) -> str:
     if Image is not None and isinstance(value, Image.Image):

@@ -123,7 +123,7 @@ class Producer:
             class_names=settings.class_names, image_size=settings.image_size, sources=sources,
             generator=torch_generator(settings.seed, role, rank, generation, device=self.device),
             rng=numpy_generator(settings.seed, f"{role}/jobs", rank, generation), dataset=settings.dataset,
-            cache_dir=settings.index_cache_dir)
+            cache_dir=settings.index_cache_dir, item_format=settings.item_format)
         self.context.state = self._prepared_state()
         # random crops of source images (resize="random_resized_crop"): a seeded stream per producer and restart
         self._crop_rng = numpy_generator(settings.seed, f"{role}/crops", rank, generation)

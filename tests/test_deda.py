@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from onlineaug.images import ItemFormat
 from onlineaug import kernels
 from onlineaug.datasets import SyntheticShapes
 from onlineaug.fill import dilate
@@ -725,7 +726,7 @@ def producer_for(recipe, dataset, generator="tiny", batch_size=4):
         recipe=recipe, dataset=dataset, num_classes=dataset.num_classes, class_names=dataset.classes,
         image_size=SIZE, batch_size=batch_size, seed=0, trainer_rank=0, roles=roles,
         specs=resolve_models(roles, recipe.main_role, generator, None), policy=LoadPolicy(),
-        pool_fields=recipe.pool_fields(SIZE))
+        pool_fields=recipe.pool_fields(SIZE), item_format=ItemFormat(resize="squash"))  # whole items: exact checks
     return Producer(settings, rank=0, device="cpu", sources=SourceSet(np.arange(len(dataset))))
 
 

@@ -403,10 +403,10 @@ def test_tau_k_is_the_mean_cosine_over_z_pairs_of_the_class_real_images(models, 
 
 
 def source_batch(dataset, indices, prompt_ids, attempts=None):
-    from onlineaug.images import load_item
+    from onlineaug.images import ItemFormat, load_item
     from onlineaug.recipes import SourceBatch
 
-    loaded = [load_item(dataset, int(i), SIZE, 3) for i in indices]
+    loaded = [load_item(dataset, int(i), SIZE, 3, ItemFormat(resize="squash")) for i in indices]
     images = torch.stack([image for image, _ in loaded])
     return SourceBatch(images=images, originals=images, labels=torch.tensor([label for _, label in loaded]),
                        indices=torch.tensor(indices), values={"prompt_id": torch.tensor(prompt_ids)},

@@ -142,6 +142,7 @@ class ProducerContext:
     rng: np.random.Generator  # seeded, on the host: for planning
     dataset: Any = None  # the user's dataset (for recipes that read masks or other item fields)
     state: Any = None  # what ``prepare`` returned (None before / without preparation)
+    item_format: Any = None  # the loader's :class:`~onlineaug.images.ItemFormat` (dict keys, crop geometry)
     cache_dir: str | None = None  # a folder for per-index results (see ``Recipe.index_cache_key``), or None
 
     def class_name(self, label: int) -> str:

@@ -52,7 +52,7 @@ import torch
 
 from onlineaug import ops
 from onlineaug.checks import Checks
-from onlineaug.images import load_item
+from onlineaug.images import ItemFormat, load_item
 from onlineaug.models import ModelRole
 from onlineaug.pool import Field
 from onlineaug.recipes import register_recipe
@@ -160,10 +160,11 @@ def pairs_rng(sources) -> np.random.Generator:
 
 
 def class_thresholds(embedder, dataset, sources, *, num_classes: int, image_size: int, z: int,
-                     batch_size: int = 32) -> dict:
+                     batch_size: int = 32, item_format=None) -> dict:
     """Eq. 5 for every class of ``sources``: ``tau_k`` = the mean cosine similarity of the CLIP embeddings over
-    :func:`sample_pairs` of the class's real images (each loaded as a producer loads a source: the training
-    size, :func:`onlineaug.images.load_item`).
+    :func:`sample_pairs` of the class's real images (each loaded at the training size with
+    :func:`onlineaug.images.load_item`, in the deterministic view of the loader's ``item_format``: a
+    random crop would make the thresholds depend on the draw).
 
     Returns ``{"tau": float32 (K,), "pairs": {k: int64 (m, 2) dataset indices}, "default_tau": float}``:
     ``tau[k]`` is NaN for a class with fewer than two images (or none in ``sources``); such a class is filtered
@@ -180,10 +181,11 @@ def class_thresholds(embedder, dataset, sources, *, num_classes: int, image_size
                          "class has two among the sampler's indices; pass threshold=0.6 (the official code's "
                          "fixed threshold) or sample more images per class")
     needed = np.unique(np.concatenate([p.ravel() for p in pairs.values()]))
+    view = (item_format or ItemFormat()).deterministic()
     rows = {int(index): row for row, index in enumerate(needed.tolist())}
     chunks = []
     for start in range(0, len(needed), batch_size):
-        images = torch.stack([load_item(dataset, int(i), image_size, num_classes)[0]
+        images = torch.stack([load_item(dataset, int(i), image_size, num_classes, view)[0]
                               for i in needed[start:start + batch_size]])
         chunks.append(embedder.embed_images(images).float().cpu())
     embeddings = torch.cat(chunks).double()
@@ -328,7 +330,8 @@ class DiffCoReMix(Recipe):
         if self.threshold is not None:
             return None
         return class_thresholds(models["filter"], ctx.dataset, ctx.sources, num_classes=ctx.num_classes,
-                                image_size=ctx.image_size, z=self.z, batch_size=self.embed_batch_size)
+                                image_size=ctx.image_size, z=self.z, batch_size=self.embed_batch_size,
+                                item_format=ctx.item_format)
 
     def plan_jobs(self, ctx: ProducerContext, count: int) -> Jobs:
         """Classes in proportion to their share of the sampler's weight (the trainer asks for class ``k`` that
