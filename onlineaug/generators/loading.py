@@ -31,6 +31,10 @@ from .weights import (
     locate,
 )
 
+# These lived here before weights.py; onlineaug.models.checkpoints (the perception models) imports them from here.
+from .weights import _HUB_ID  # noqa: F401
+from .weights import looks_like_path as _looks_like_path  # noqa: F401
+
 # DiffuseMix's official code runs InstructPix2Pix with Euler ancestral; the other tasks keep the
 # scheduler stored with the weights.
 DEFAULT_SCHEDULER = {"instruct-pix2pix": "euler_a", "img2img": None, "text2img": None, "inpaint": None}

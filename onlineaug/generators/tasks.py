@@ -119,14 +119,13 @@ def pipeline_class(task: str, architecture: str) -> type[DiffusionPipeline]:
 def architecture_of(class_name: str, components) -> str | None:
     """The architecture a model_index.json describes (its ``_class_name`` and component names), or None.
 
-    ``StableDiffusionXL*`` or a ``text_encoder_2`` component is SDXL; any other ``StableDiffusion*`` pipeline is
-    SD 1.x/2.x (the same classes serve both).
+    A ``StableDiffusion*`` pipeline with a UNet (not SD 3's transformer) is SDXL when its class says so or it
+    has a ``text_encoder_2``, else SD 1.x/2.x (the same classes serve both).
     """
-    if class_name.startswith("StableDiffusionXL") or "text_encoder_2" in components:
-        return "sdxl"
-    if class_name.startswith("StableDiffusion"):
-        return "sd15"
-    return None
+    if not class_name.startswith("StableDiffusion") or class_name.startswith("StableDiffusion3") \
+            or "unet" not in components:
+        return None
+    return "sdxl" if class_name.startswith("StableDiffusionXL") or "text_encoder_2" in components else "sd15"
 
 
 def check_task(task: str) -> str:

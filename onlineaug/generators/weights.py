@@ -244,8 +244,13 @@ def inspect_weights(source: WeightsSource, task: str) -> WeightsInfo | None:
         cause = (f"{folder} is incomplete (a partial download?); {ARCHITECTURE_TITLES[architecture]} "
                  f"{class_name} is missing: {', '.join(problems)}")
         raise GeneratorNotFoundError(not_found_message(spec, task, architecture, source.looked_for, cause=cause))
-    with open(os.path.join(folder, "unet", "config.json"), encoding="utf-8") as f:
-        in_channels = json.load(f).get("in_channels")
+    unet_config = os.path.join(folder, "unet", "config.json")
+    try:
+        with open(unet_config, encoding="utf-8") as f:
+            in_channels = json.load(f).get("in_channels")
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"{unet_config} is not a JSON object of UNet settings ({err}); re-download or re-save "
+                         f"the pipeline") from None
     check_in_channels(in_channels, spec, task)
     variants = [_weight_variants(folder, name) for name in MODEL_COMPONENTS if name in listed]
     variant = None
