@@ -62,16 +62,17 @@ def assign_generator_devices(num_gpus: int, local_rank: int, local_world_size: i
             raise ValueError(f"generator_devices is a dict without local rank {local_rank} (it has "
                              f"{sorted(spec, key=str)}): give every local rank 0..{local_world_size - 1} its "
                              f"list of devices")
-        devices, source = spec[local_rank], f"generator_devices[{local_rank}]"
+        devices, given = spec[local_rank], f"generator_devices[{local_rank}]={spec[local_rank]!r} is invalid"
     elif callable(spec):
-        devices, source = spec(local_rank), f"generator_devices({local_rank})"
+        devices = spec(local_rank)
+        given = f"generator_devices({local_rank}) returned {devices!r}"
     else:
-        devices, source = spec, "generator_devices"
+        devices, given = spec, f"argument generator_devices={spec!r} is invalid"
     if isinstance(devices, (str, torch.device)):
         devices = [devices]
     if devices is None or isinstance(devices, bytes) or not isinstance(devices, Sequence):
-        raise TypeError(f"{source} gave {devices!r}: expected a list of devices, e.g. ['cuda:1', 'cuda:2'] or "
-                        f"['cpu'] (or generator_devices='auto')")
+        raise TypeError(f"{given}: expected a list of devices, e.g. ['cuda:1', 'cuda:2'] or ['cpu'] (or 'auto', a "
+                        f"dict {{local_rank: [...]}} or a callable local_rank -> [...])")
     return [str(d) for d in devices]
 
 

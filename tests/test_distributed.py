@@ -62,8 +62,10 @@ def test_explicit_devices_per_rank_as_a_dict_a_callable_or_one_list():
     assert assign_generator_devices(0, 1, 2, ("cpu",)) == ["cpu"]
     with pytest.raises(ValueError, match=r"a dict without local rank 2 \(it has \[0, 1\]\)"):
         assign_generator_devices(8, 2, 3, per_rank)
-    with pytest.raises(TypeError, match=r"generator_devices\(1\) gave 7: expected a list of devices"):
+    with pytest.raises(TypeError, match=r"generator_devices\(1\) returned 7: expected a list of devices"):
         assign_generator_devices(8, 1, 2, lambda local_rank: 7)
+    with pytest.raises(TypeError, match=r"generator_devices\[0\]=None is invalid: expected a list of devices"):
+        assign_generator_devices(8, 0, 2, {0: None})
     with pytest.raises(ValueError, match=r"local rank 2 is outside \[0, 2\)"):
         assign_generator_devices(8, 2, 2, "auto")
 
