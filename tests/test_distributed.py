@@ -4,7 +4,6 @@ The device rules are pure functions, tested here with made-up GPU counts; the re
 ``torchrun --nproc_per_node=2`` gloo group on the CPU (``tests/distributed_worker.py``).
 """
 
-import itertools
 import json
 import os
 import subprocess
