@@ -23,14 +23,15 @@ import shutil
 import time
 import warnings
 import weakref
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence, Union
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
+from onlineaug import distributed
 from onlineaug.batching import BatchAssembler, prefetch_batches
 from onlineaug.checks import Checks
-from onlineaug.devices import parse_device
+from onlineaug.devices import assign_generator_devices, parse_device, producer_threads
 from onlineaug.images import DEFAULT_RESIZE, RESIZE_MODES, EpochTaggedSampler, ItemFormat, UInt8ImageDataset, load_label
 from onlineaug.models import LoadPolicy, ensure_available, resolve_models
 from onlineaug.pool import PoolSpec, SamplePool, check_shm_capacity
@@ -46,6 +47,8 @@ logger = logging.getLogger("onlineaug")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _CHECK = Checks("OnlineGenAugLoader", "argument")
+# generator_devices: devices, "auto", {local_rank: devices} or local_rank -> devices (onlineaug.devices)
+DeviceSpec = Union[Sequence, str, Mapping, Callable]
 _BACKENDS = ("auto", "triton", "torch")
 # Loader arguments that only matter to recipes that generate, with their defaults (for the "ignored" log line).
 _GENERATION_ARGUMENTS = {"generator": "tiny", "models": None, "generation_size": None, "warmup": 0,
@@ -129,7 +132,9 @@ class OnlineGenAugLoader:
         recipe: a registered recipe name (``onlineaug.recipes.available_recipes()``) or a ``Recipe``.
         num_classes: number of classes; targets are (B, num_classes) soft labels whose rows sum to 1.
         batch_size, shuffle, drop_last, num_workers, sampler, pin_memory: as for ``DataLoader`` (``shuffle``
-            defaults to True without a sampler). Producers start only from indices the sampler can yield.
+            defaults to True without a sampler). Producers start only from indices the sampler can yield. With
+            ``torch.distributed`` initialised (more than one rank) and no sampler, each rank gets a
+            ``DistributedSampler`` with the loader's ``shuffle``, ``seed`` and ``drop_last``.
         image_size: training size; every image becomes image_size x image_size.
         resize: how an item becomes that square, with torchvision's semantics: ``"random_resized_crop"``
             (``RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3))``, seeded by seed, rank, epoch and index),
@@ -146,7 +151,11 @@ class OnlineGenAugLoader:
             string, or a dict with ``source``, ``lora``, ``lora_scale``, ``textual_inversion``. Roles not named
             follow ``generator`` when it is a random-weight source, else load their default.
         device: the trainer's device, where batches are mixed and returned.
-        generator_devices: one producer process per entry (e.g. ``["cuda:1", "cuda:2"]``).
+        generator_devices: one producer process per entry (e.g. ``["cuda:1", "cuda:2"]``). Under ``torchrun``:
+            ``"auto"`` (the node's GPUs no trainer uses, dealt round-robin among the local ranks), or a list per
+            local rank, as a dict ``{local_rank: [...]}`` or a callable ``local_rank -> [...]``.
+        allow_shared_generator_devices: let two trainer ranks of a node generate on the same GPU (each loads its
+            own models there); without it that is an error.
         p_aug: per-sample probability of serving a generated sample (or, for CutMix/Mixup, of mixing).
         pool_size: slots in the shared-memory pool; max_reuse: serves per generated sample.
         seed: seeds every random stream (sampler, replacement coins, batch-time parameters, producers), with
@@ -178,12 +187,13 @@ class OnlineGenAugLoader:
             ``label`` and the recipe's own per-sample fields.
         cache_dir: a folder for what is worth keeping across runs (the recipe's preparation, e.g. DiffCoRe-Mix's
             thresholds), keyed by dataset, models and settings.
-        progress: show progress bars (waiting for ``warmup``, reading labels, preparing).
+        progress: show progress bars (waiting for ``warmup``, reading labels, preparing). Under ``torchrun``
+            progress bars and warnings come from local rank 0 only.
     """
 
     def __init__(self, dataset, recipe: str | Recipe = "genmix", *, num_classes: int, batch_size: int = 64,
                  image_size: int = 224, generator="tiny", models: Mapping | None = None, device="cpu",
-                 generator_devices: Sequence = ("cpu",), p_aug: float = 0.5, pool_size: int = 256,
+                 generator_devices: DeviceSpec = ("cpu",), p_aug: float = 0.5, pool_size: int = 256,
                  max_reuse: int = 8, num_workers: int = 2, seed: int = 0, shuffle: bool | None = None,
                  drop_last: bool = False, sampler=None, pin_memory: bool | None = None,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
@@ -195,7 +205,7 @@ class OnlineGenAugLoader:
                  startup_timeout_s: float = 1800.0, out_dtype: torch.dtype = torch.float32, backend: str = "auto",
                  prefetch: int = 1, rank: int | None = None, progress: bool = True, return_info: bool = False,
                  cache_dir: str | os.PathLike | None = None, resize: str = DEFAULT_RESIZE,
-                 image_key: str = "image", label_key: str = "label"):
+                 image_key: str = "image", label_key: str = "label", allow_shared_generator_devices: bool = False):
         check = _CHECK
         if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
             raise TypeError(f"dataset must be a map-style dataset (with __getitem__ and __len__), got "
@@ -223,7 +233,8 @@ class OnlineGenAugLoader:
         if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             check._fail(ValueError, "out_dtype", out_dtype, "torch.float32, torch.float16 or torch.bfloat16")
         self.backend = check.choice("backend", backend, _BACKENDS)
-        self.progress = check.boolean("progress", progress)
+        self._layout = distributed.layout()
+        self.progress = check.boolean("progress", progress) and self._layout.speaks
         self.return_info = check.boolean("return_info", return_info)
         drop_last = check.boolean("drop_last", drop_last)
         self.rank = _checked_rank(rank)
@@ -253,7 +264,8 @@ class OnlineGenAugLoader:
                  "generator_devices": tuple(generator_devices) if isinstance(generator_devices, (list, tuple))
                  else generator_devices}
         if self.generative:
-            self.generator_devices = _checked_devices(generator_devices)
+            self.generator_devices = self._generator_devices(
+                generator_devices, check.boolean("allow_shared_generator_devices", allow_shared_generator_devices))
             if not self.generator_devices:
                 raise ValueError(f"recipe {self.recipe.name!r} needs at least one generator device")
             self.policy = _checked_policy(compile_unet)
@@ -267,7 +279,7 @@ class OnlineGenAugLoader:
                     f"every generated batch would be thrown away; raise pool_size or lower generator_batch_size")
         else:
             ignored = [f"{k}={v!r}" for k, v in given.items() if v != _GENERATION_ARGUMENTS[k]]
-            if ignored:
+            if ignored and self._layout.speaks:
                 logger.info("onlineaug: recipe %r generates nothing: ignoring %s", self.recipe.name, ", ".join(ignored))
             self.generator_devices, self.roles, self.specs, self.policy = [], {}, {}, LoadPolicy()
         if self.recipe.needs_class_names and self.class_names is None:
@@ -281,7 +293,13 @@ class OnlineGenAugLoader:
         self._sampler_generator = torch.Generator()
         if sampler is None:
             shuffle = True if shuffle is None else check.boolean("shuffle", shuffle)
-            sampler = RandomSampler(dataset, generator=self._sampler_generator) if shuffle else SequentialSampler(dataset)
+            if self._layout.distributed:  # a shard per rank, the same permutation on every rank (seed + epoch)
+                sampler = DistributedSampler(dataset, num_replicas=self._layout.world_size, rank=self._layout.rank,
+                                             shuffle=shuffle, seed=self.seed, drop_last=drop_last)
+            elif shuffle:
+                sampler = RandomSampler(dataset, generator=self._sampler_generator)
+            else:
+                sampler = SequentialSampler(dataset)
         elif shuffle:
             raise ValueError("pass either sampler or shuffle=True, not both (as for DataLoader)")
         self.sampler = sampler
@@ -312,7 +330,7 @@ class OnlineGenAugLoader:
                               rank=self.rank), batch_size=self.batch_size,
             sampler=self._item_sampler, num_workers=num_workers, pin_memory=pin, drop_last=drop_last,
             persistent_workers=num_workers > 0)
-        if drop_last and len(self._dataloader) == 0:
+        if drop_last and len(self._dataloader) == 0 and self._layout.speaks:
             warnings.warn(f"drop_last=True with batch_size={batch_size} larger than the {len(sampler)} samples the "
                           f"sampler yields: every epoch is empty; lower batch_size or set drop_last=False",
                           RuntimeWarning, stacklevel=2)
@@ -344,6 +362,22 @@ class OnlineGenAugLoader:
         self._sources_fingerprint: str | None = None
         self._assembler = BatchAssembler(self.recipe, None, device=self.device, image_size=self.image_size,
                                          batch_size=self.batch_size, p_aug=self.p_aug, ring_size=self.prefetch + 2)
+
+    def _generator_devices(self, spec, allow_shared: bool) -> list[str]:
+        """This rank's generator devices from ``generator_devices`` (see :func:`assign_generator_devices`),
+        agreed with the other ranks (a collective under ``torch.distributed``: a rank's error is raised on all)."""
+        layout = self._layout
+        trainer_gpu = self.device.index if self.device.type == "cuda" else None
+        num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        devices, failure = [], None
+        try:
+            devices = _checked_devices(assign_generator_devices(
+                num_gpus, layout.local_rank, layout.local_world_size, spec, trainer_gpu=trainer_gpu,
+                allow_shared=allow_shared))
+        except (TypeError, ValueError) as error:
+            failure = error
+        distributed.agree_on_generator_devices(layout, self.device, devices, failure, allow_shared=allow_shared)
+        return devices
 
     def _make_recipe(self, recipe, recipe_options, generation_size, generator, models) -> Recipe:
         if recipe_options is not None and not isinstance(recipe_options, Mapping):
@@ -388,8 +422,8 @@ class OnlineGenAugLoader:
             sources = self._publish_sources()
             resources.report_dir = make_report_dir()
             settings = self._producer_settings(sources, resources.report_dir)
-            cpu_producers = sum(1 for d in self.generator_devices if d == "cpu")
-            threads = max(1, (os.cpu_count() or 1) // (cpu_producers + 1)) if cpu_producers else None
+            threads = producer_threads(_cpu_count(), self._layout.local_world_size,
+                                       sum(1 for d in self.generator_devices if d == "cpu"))
             shared = Shared(resources.pool.spec, resources.sources.name, len(self.dataset), resources.report_dir)
             resources.producers = ProducerGroup(
                 settings, self.generator_devices, shared,
@@ -539,8 +573,16 @@ class OnlineGenAugLoader:
                 "producer_hangs": producers.hangs if producers else 0,
                 "gen_images_per_s": produced / elapsed if elapsed > 0 else 0.0}
 
-    def stats(self) -> dict:
-        """Counters since construction: samples served, pool state, producer throughput (kept after close)."""
+    def stats(self, reduce: bool = False) -> dict:
+        """Counters since construction: samples served, pool state, producer throughput (kept after close).
+
+        ``reduce=True``: the sums over all trainer ranks (``generated_share`` recomputed from them,
+        ``gen_images_per_s`` the total rate); a collective under ``torch.distributed``: every rank must call it.
+        """
+        counts = self._local_stats()
+        return _summed_over_ranks(counts) if _CHECK.boolean("reduce", reduce) else counts
+
+    def _local_stats(self) -> dict:
         counts = dict(self._counts)
         served = counts["real"] + counts["generated"]
         counts["generated_share"] = counts["generated"] / served if served else 0.0
@@ -552,6 +594,30 @@ class OnlineGenAugLoader:
             counts.update(pool_ready=0, pool_size=self.pool_size if self.generative else 0, produced=0,
                           torn_reads=0, rejected={}, producer_restarts=0, producer_hangs=0, gen_images_per_s=0.0)
         return counts
+
+
+def _summed_over_ranks(counts: dict) -> dict:
+    """``counts`` (numbers, and the ``rejected`` dict of numbers) summed over the ranks; the same keys on every
+    rank, as every rank runs the same recipe."""
+    rejected = counts.get("rejected", {})
+    keys = sorted(k for k, v in counts.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "generated_share")
+    reasons = sorted(rejected)
+    sums = distributed.sum_over_ranks([counts[k] for k in keys] + [rejected[r] for r in reasons])
+    out = dict(counts)  # anything not a number stays this rank's
+    out.update({k: (int(round(v)) if isinstance(counts[k], int) else v) for k, v in zip(keys, sums)})
+    out["rejected"] = {r: int(round(v)) for r, v in zip(reasons, sums[len(keys):])}
+    served = out["real"] + out["generated"]
+    out["generated_share"] = out["generated"] / served if served else 0.0
+    return out
+
+
+def _cpu_count() -> int:
+    """The cores this process may run on (its affinity, e.g. under taskset or a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _with_info(result) -> tuple[torch.Tensor, torch.Tensor, dict]:
