@@ -23,6 +23,8 @@ setup(
         "diffusers>=0.42",
         "transformers>=5.0",
         "safetensors>=0.4",
+        # diffusers' load_lora_weights needs the PEFT backend (LoRA of Diff-Mix and other fine-tuned generators)
+        "peft>=0.17",
     ],
     extras_require={
         # triton ships with the CUDA builds of torch; kornia/timm/torchvision are the baselines and helpers

@@ -40,13 +40,14 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 import torch
 
 from benchmarks import common
-from onlineaug.generators.tasks import TASKS
+from onlineaug.models import LoadPolicy
 from onlineaug.tables import text_table
 
 PROMPT = "autumn"  # DiffuseMix's first prompt; the instruction text does not change the cost
 TEXT_PROMPT = "a photo of a golden retriever"
 NEGATIVE_PROMPT = "blurry, low quality, distorted, cartoon, text, watermark"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+TASKS = ("instruct-pix2pix", "img2img", "text2img")  # the generator tasks this benchmark calls (SD 1.5 sizes)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # Targets of the issue, on one H100 at the best batch size.
@@ -76,7 +77,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--strength", type=float, default=0.8, help="img2img (SDEdit) only: share of the schedule run")
     parser.add_argument("--negative-prompt", default=NEGATIVE_PROMPT, help="text2img only")
     parser.add_argument("--scheduler", default=None,
-                        help="euler_a | euler | ddim | dpm++ | pndm for both sides (default: the task's)")
+                        help="euler_a | euler | ddim | dpm++ | pndm | edm_euler for both sides (default: the task's)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 4 8 16 32")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="ours (default fp16 on CUDA, fp32 on CPU); the baseline is always fp16 on CUDA")
@@ -169,20 +170,17 @@ def weights_label(spec: str) -> str:
 
 # --------------------------------------------------------------------------------------------- pipelines
 def _load(settings: dict, *, dtype: torch.dtype, ours: bool):
+    """The pipeline under the producers' load policy (LoadPolicy); the baseline is eager."""
     from onlineaug.generators import load_pipeline
 
     compile_ = ours and settings["compile"]
-    custom = ours and (settings["fuse_qkv"] or settings["compile_mode"] != "default")
-    pipe = load_pipeline(settings["generator"], settings["task"], device=settings["device"], dtype=dtype,
-                         compile_unet=compile_ and not custom, seed=settings["seed"], scheduler=settings["scheduler"])
+    policy = LoadPolicy(dtype={v: k for k, v in DTYPES.items()}[dtype],
+                        compile=settings["compile_mode"] if compile_ else False,
+                        fuse_qkv=ours and settings["fuse_qkv"])
+    pipe = load_pipeline(settings["generator"], settings["task"], device=settings["device"], seed=settings["seed"],
+                         scheduler=settings["scheduler"], policy=policy)
     if compile_:
         _allow_recompiles(len(settings["batch_sizes"]) + 2)
-    if custom:  # the producer's compile call, plus the extras asked for
-        if settings["fuse_qkv"]:
-            pipe.unet.fuse_qkv_projections()
-        if compile_:
-            mode = None if settings["compile_mode"] == "default" else settings["compile_mode"]
-            pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=False, dynamic=False)
     return pipe
 
 

@@ -4,8 +4,9 @@ Trains a small CNN on :class:`~onlineaug.datasets.SyntheticShapes` for a fixed n
 plain ``DataLoader`` (vanilla) and with :class:`~onlineaug.OnlineGenAugLoader` running ``--recipe`` (GenMix on
 the tiny generator by default; any registered recipe). Prints steps/s, the augmentation overhead A_O = (T_aug - T_van) / T_van (GuidedMixup's definition,
 used by the DiffuseMix/DiffCoRe-Mix papers), the generated share, misses and pool stats; writes
-``preview.png`` (original, generated, mask, hybrid, fractal, final: DiffuseMix Figure 4; for recipes that pool
-only an edit, such as Diff-Mix: source, edit, source -> target class and strength) and ``metrics.json`` into
+``preview.png`` (the recipe's own rows where it has them, e.g. De-DA's original, mask, CIP, CDP, edited CDP,
+composite; for recipes that pool only an edit, such as Diff-Mix: source, edit, source -> target class and strength;
+otherwise DiffuseMix Figure 4: original, generated, mask, hybrid, fractal, final) and ``metrics.json`` into
 ``--out`` (default ``runs/demo`` under the current directory).
 """
 
@@ -25,7 +26,7 @@ from torch import nn
 
 from onlineaug import ops
 from onlineaug.datasets import SyntheticShapes
-from onlineaug.images import UInt8ImageDataset
+from onlineaug.images import UInt8ImageDataset, load_item
 from onlineaug.loader import IMAGENET_MEAN, IMAGENET_STD, OnlineGenAugLoader
 from onlineaug.recipes import available_recipes, get_recipe
 from onlineaug.seeding import torch_generator
@@ -99,8 +100,9 @@ def _tile(image: torch.Tensor, size: int) -> np.ndarray:
     return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
-def _write_canvas(rows: dict[str, list[np.ndarray]], path: Path, tile: int, captions: list[str] = ()) -> None:
-    """Named rows of tiles, with a caption under each column (if any)."""
+def _write_canvas(rows: dict[str, list[np.ndarray]], path: Path, tile: int, captions: list[str] = (),
+                  tile_captions: dict[str, list[str]] | None = None) -> None:
+    """Named rows of tiles, with a caption under each column (if any) and on each tile (``tile_captions``)."""
     from PIL import Image, ImageDraw
 
     label_width, caption_height = 90, 28 if captions else 0
@@ -111,6 +113,10 @@ def _write_canvas(rows: dict[str, list[np.ndarray]], path: Path, tile: int, capt
         draw.text((6, r * tile + tile // 2 - 6), name, fill="black")
         for c, array in enumerate(tiles):
             canvas.paste(Image.fromarray(array), (label_width + c * tile, r * tile))
+            if tile_captions is not None:
+                x, y = label_width + c * tile + 3, (r + 1) * tile - 14
+                draw.rectangle((x - 2, y - 1, x + 6 * len(tile_captions[name][c]) + 2, y + 11), fill="black")
+                draw.text((x, y), tile_captions[name][c], fill="white")
     for c, caption in enumerate(captions):
         draw.multiline_text((label_width + c * tile + 4, tile * len(rows) + 2), caption, fill="black", spacing=2)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,16 +154,10 @@ def write_edit_preview(loader: OnlineGenAugLoader, samples: list[dict], path: Pa
     return len(samples)
 
 
-def write_preview(loader: OnlineGenAugLoader, path: Path, *, count: int = 4, tile: int = 128) -> int:
-    """DiffuseMix Figure 4 from pooled samples: rows original, generated, mask, hybrid, fractal, final (for
-    recipes that pool only an edit, :func:`write_edit_preview`)."""
-    samples = loader.pool.peek(count) if loader.pool is not None else []
-    if not samples:
-        return 0
-    if "original" not in samples[0]:
-        return write_edit_preview(loader, samples, path, tile=tile)
+
+def _diffusemix_rows(loader: OnlineGenAugLoader, samples: list[dict], generator: torch.Generator) -> dict:
+    """DiffuseMix Figure 4: rows original, generated, mask, hybrid, fractal, final."""
     recipe, ctx, size = loader.recipe, loader.context, loader.image_size
-    generator = torch_generator(loader.seed, "preview")
     fractal_index = torch.randint(ctx.fractals.shape[0], (len(samples),), generator=generator)
     rows = {name: [] for name in ("original", "generated", "mask", "hybrid", "fractal", "final")}
     for i, sample in enumerate(samples):
@@ -170,8 +170,36 @@ def write_preview(loader: OnlineGenAugLoader, path: Path, *, count: int = 4, til
         hybrid = ops.concat_blend(original[None], generated[None], mask, fractal[None], 0.0)[0]
         final = ops.concat_blend(original[None], generated[None], mask, fractal[None], recipe.lam)[0]
         for name, image in zip(rows, (original, generated, mask, hybrid, fractal, final)):
-            rows[name].append(_tile(image, tile))
-    _write_canvas(rows, path, tile)
+            rows[name].append(image)
+    return rows
+
+
+def write_preview(loader: OnlineGenAugLoader, path: Path, *, count: int = 4, tile: int = 128) -> int:
+    """A figure of pooled samples: the recipe's ``preview_rows`` (De-DA: original, mask, CIP, CDP, edited CDP,
+    composite); for recipes that pool only an edit (Diff-Mix, DA-Fusion) :func:`write_edit_preview`; else DiffuseMix
+    Figure 4 (original, generated, mask, hybrid, fractal, final)."""
+    samples = loader.pool.peek(count) if loader.pool is not None else []
+    if not samples:
+        return 0
+    recipe, size = loader.recipe, loader.image_size
+    if hasattr(recipe, "preview"):  # e.g. DiffCoRe-Mix: real, generated (S vs tau), mix mode, result; captioned
+        from onlineaug.images import ItemFormat
+
+        view = ItemFormat(resize="center_crop")
+        real = torch.stack([load_item(loader.dataset, int(s["index"]), size, loader.num_classes, view)[0]
+                            for s in samples])
+        captioned = recipe.preview(samples, real, loader.context,
+                                   torch_generator(loader.seed, "preview", device=loader.context.mean.device))
+        _write_canvas({name: [_tile(image, tile) for image, _ in row] for name, row in captioned.items()}, path, tile,
+                      tile_captions={name: [text for _, text in row] for name, row in captioned.items()})
+        return len(samples)
+    generator = torch_generator(loader.seed, "preview", device=loader.device)
+    rows = loader.recipe.preview_rows(samples, loader.dataset, loader.context, generator)
+    if rows is None:
+        if "original" not in samples[0]:
+            return write_edit_preview(loader, samples, path, tile=tile)
+        rows = _diffusemix_rows(loader, samples, torch_generator(loader.seed, "preview"))
+    _write_canvas({name: [_tile(image, tile) for image in images] for name, images in rows.items()}, path, tile)
     return len(samples)
 
 
@@ -185,9 +213,12 @@ def run_demo(args: argparse.Namespace) -> dict:
     tiny = args.generator == "tiny"
     options = get_recipe(args.recipe).option_names()
     generative = get_recipe(args.recipe).generative
-    recipe_options = {}
-    if "num_inference_steps" in options and (args.num_inference_steps or tiny):
+    recipe_options = dict(args.recipe_option or [])
+    if "num_inference_steps" in options and "num_inference_steps" not in recipe_options and (
+            args.num_inference_steps or tiny):
         recipe_options["num_inference_steps"] = args.num_inference_steps or 4
+    if args.recipe == "deda":  # SyntheticShapes knows its exact masks; tiny random segmenters would find noise
+        recipe_options.setdefault("segmenter", "dataset")
     # None: the recipe's size, or the training size with the tiny generator (the loader's default)
     generation_size = args.generation_size if "generation_size" in options else None
     dataset = SyntheticShapes(num_classes=args.num_classes, size=args.image_size, length=args.length, seed=args.seed)
@@ -279,6 +310,16 @@ def run_demo(args: argparse.Namespace) -> dict:
     return metrics
 
 
+def _recipe_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``demo`` options (every help names its default: ``onlineaug.__main__`` appends the ones left out)."""
     parser.description = __doc__.split("\n\n")[0]
@@ -299,6 +340,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-inference-steps", type=int, default=None,
                         help="denoising steps per generation (default: 4 with the tiny generator, the recipe's "
                              "otherwise)")
+    parser.add_argument("--recipe-option", action="append", type=_recipe_option, metavar="KEY=VALUE",
+                        help="a recipe option (VALUE read as JSON, else as a string), e.g. p_mix=0.25; repeatable "
+                             "(default: none)")
     parser.add_argument("--num-classes", type=int, default=10, help="SyntheticShapes classes")
     parser.add_argument("--length", type=int, default=2000, help="SyntheticShapes images")
     parser.add_argument("--p-aug", type=float, default=0.5,

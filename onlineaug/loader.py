@@ -27,18 +27,20 @@ import shutil
 import time
 import warnings
 import weakref
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence, Union
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
+from onlineaug import distributed
 from onlineaug.batching import BatchAssembler, prefetch_batches
 from onlineaug.checks import Checks
-from onlineaug.devices import parse_device
-from onlineaug.images import UInt8ImageDataset
+from onlineaug.devices import assign_generator_devices, parse_device, producer_threads
+from onlineaug.images import DEFAULT_RESIZE, RESIZE_MODES, EpochTaggedSampler, ItemFormat, UInt8ImageDataset, load_label
 from onlineaug.models import LoadPolicy, ensure_available, resolve_models
 from onlineaug.pool import PoolSpec, SamplePool, check_shm_capacity
-from onlineaug.producer import ProducerSettings, counter_names, fingerprint_bytes, prepare_cache_key, reject_reasons
+from onlineaug.producer import (ProducerSettings, counter_names, fingerprint_bytes, index_cache_key, prepare_cache_key,
+                                reject_reasons)
 from onlineaug.producer_processes import PRODUCER_ENV, ProducerGroup, Shared, make_report_dir
 from onlineaug.recipes import BatchContext, Recipe, get_recipe
 from onlineaug.seeding import derive_seed, numpy_generator, torch_generator
@@ -49,6 +51,8 @@ logger = logging.getLogger("onlineaug")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _CHECK = Checks("OnlineGenAugLoader", "argument")
+# generator_devices: devices, "auto", {local_rank: devices} or local_rank -> devices (onlineaug.devices)
+DeviceSpec = Union[Sequence, str, Mapping, Callable]
 _BACKENDS = ("auto", "triton", "torch")
 # A generative loader that has served this many batches and not one generated sample logs why (once).
 ONLY_MISSES_BATCHES = 20
@@ -124,21 +128,40 @@ class OnlineGenAugLoader:
     """Iterate ``(images, targets)`` batches with online generative augmentation.
 
     Args:
-        dataset: a map-style dataset of ``(image, label)`` items: PIL images, uint8 (3,H,W) tensors, float
-            (3,H,W) tensors in [0,1] or uint8 (H,W,3) arrays. It must be picklable (it is sent to the
-            producer processes, like to DataLoader workers under spawn).
+        dataset: a map-style dataset of ``(image, label)`` items, or of dicts (Hugging Face ``datasets`` rows)
+            read with ``image_key``/``label_key``. Images follow torchvision's layouts: PIL images (8-bit and
+            16-bit modes, float mode F in [0, 1]), (C,H,W) tensors, (H,W,C) or (H,W) arrays; uint8, uint16 or
+            float in [0, 1] (see :mod:`onlineaug.images`). It must be picklable (it is sent to the producer
+            processes, like to DataLoader workers under spawn).
+        image_key, label_key: the image and label columns of dict items (default ``"image"``/``"label"``, as
+            in Hugging Face image datasets).
         recipe: a registered recipe name (``onlineaug.recipes.available_recipes()``) or a ``Recipe``.
         num_classes: number of classes; targets are (B, num_classes) soft labels whose rows sum to 1.
         batch_size, shuffle, drop_last, num_workers, sampler, pin_memory: as for ``DataLoader`` (``shuffle``
-            defaults to True without a sampler). Producers start only from indices the sampler can yield.
-        image_size: training size; every image is resized to ``image_size`` x ``image_size``.
+            defaults to True without a sampler). Producers start only from indices the sampler can yield. With
+            ``torch.distributed`` initialised (more than one rank) and no sampler, each rank gets a
+            ``DistributedSampler`` with the loader's ``shuffle``, ``seed`` and ``drop_last``.
+        image_size: training size; every image becomes image_size x image_size.
+        resize: how an item becomes that square, with torchvision's semantics: ``"random_resized_crop"``
+            (``RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3))``, seeded by seed, rank, epoch and index),
+            ``"center_crop"`` (``Resize`` the shorter side, then ``CenterCrop``) or ``"squash"`` (the whole
+            image, aspect ratio not kept). The default is ``"random_resized_crop"`` because it is the training
+            crop of both torchvision's ImageNet reference recipe and timm's training transforms (the papers'
+            baselines train with it); use ``"center_crop"`` for evaluation, and ``"squash"`` when the dataset's
+            own transforms already crop (it is a no-op on images already at image_size). Producers cut each
+            source item with the same geometry (one box, resized to the generation size and the training
+            size), so generated and real rows match.
         generator: the recipe's main model (``recipe.main_role``): ``"tiny"`` (random weights built in
             process), ``"full-random"`` (full size, random weights: benchmarks), a hub id or a local folder.
         models: ``{role: source}`` for any of the recipe's model roles (``recipe.model_roles()``): a source
             string, or a dict with ``source``, ``lora``, ``lora_scale``, ``textual_inversion``. Roles not named
             follow ``generator`` when it is a random-weight source, else load their default.
         device: the trainer's device, where batches are mixed and returned.
-        generator_devices: one producer process per entry (e.g. ``["cuda:1", "cuda:2"]``).
+        generator_devices: one producer process per entry (e.g. ``["cuda:1", "cuda:2"]``). Under ``torchrun``:
+            ``"auto"`` (the node's GPUs no trainer uses, dealt round-robin among the local ranks), or a list per
+            local rank, as a dict ``{local_rank: [...]}`` or a callable ``local_rank -> [...]``.
+        allow_shared_generator_devices: let two trainer ranks of a node generate on the same GPU (each loads its
+            own models there); without it that is an error.
         p_aug: per-sample probability of serving a generated sample (or, for CutMix/Mixup, of mixing).
         pool_size: slots in the shared-memory pool; max_reuse: serves per generated sample.
         seed: seeds every random stream (sampler, replacement coins, batch-time parameters, producers), with
@@ -170,7 +193,8 @@ class OnlineGenAugLoader:
             ``label`` and the recipe's own per-sample fields.
         cache_dir: a folder for what is worth keeping across runs (the recipe's preparation, e.g. DiffCoRe-Mix's
             thresholds), keyed by dataset, models and settings.
-        progress: show progress bars (waiting for ``warmup``, reading labels, preparing).
+        progress: show progress bars (waiting for ``warmup``, reading labels, preparing). Under ``torchrun``
+            progress bars and warnings come from local rank 0 only.
         batch_transforms: a callable on the mixed (B, 3, S, S) float batch in [0, 1] on ``device``, applied to real
             and generated rows alike after mixing and before normalisation, returning a batch of the same shape:
             a kornia ``AugmentationSequential`` (flips, colour jitter, ...) or any function. The recipe then mixes
@@ -187,7 +211,7 @@ class OnlineGenAugLoader:
 
     def __init__(self, dataset, recipe: str | Recipe = "genmix", *, num_classes: int, batch_size: int = 64,
                  image_size: int = 224, generator="tiny", models: Mapping | None = None, device="cpu",
-                 generator_devices: Sequence = ("cpu",), p_aug: float = 0.5, pool_size: int = 256,
+                 generator_devices: DeviceSpec = ("cpu",), p_aug: float = 0.5, pool_size: int = 256,
                  max_reuse: int = 8, num_workers: int = 2, seed: int = 0, shuffle: bool | None = None,
                  drop_last: bool = False, sampler=None, pin_memory: bool | None = None,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
@@ -198,7 +222,8 @@ class OnlineGenAugLoader:
                  restart_window_s: float = 3600.0, heartbeat_timeout_s: float = 300.0,
                  startup_timeout_s: float = 1800.0, out_dtype: torch.dtype = torch.float32, backend: str = "auto",
                  prefetch: int = 1, rank: int | None = None, progress: bool = True, return_info: bool = False,
-                 cache_dir: str | os.PathLike | None = None,
+                 cache_dir: str | os.PathLike | None = None, resize: str = DEFAULT_RESIZE,
+                 image_key: str = "image", label_key: str = "label", allow_shared_generator_devices: bool = False,
                  batch_transforms=None):
         check = _CHECK
         if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
@@ -227,10 +252,14 @@ class OnlineGenAugLoader:
         if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             check._fail(ValueError, "out_dtype", out_dtype, "torch.float32, torch.float16 or torch.bfloat16")
         self.backend = check.choice("backend", backend, _BACKENDS)
-        self.progress = check.boolean("progress", progress)
+        self._layout = distributed.layout()
+        self.progress = check.boolean("progress", progress) and self._layout.speaks
         self.return_info = check.boolean("return_info", return_info)
         drop_last = check.boolean("drop_last", drop_last)
         self.rank = _checked_rank(rank)
+        self.item_format = ItemFormat(image_key=check.text("image_key", image_key),
+                                      label_key=check.text("label_key", label_key),
+                                      resize=check.choice("resize", resize, RESIZE_MODES))
         self.cache_dir = None if cache_dir is None else os.path.abspath(os.fspath(cache_dir))
         if batch_transforms is not None and not callable(batch_transforms):
             check._fail(TypeError, "batch_transforms", batch_transforms,
@@ -258,7 +287,8 @@ class OnlineGenAugLoader:
                  "generator_devices": tuple(generator_devices) if isinstance(generator_devices, (list, tuple))
                  else generator_devices}
         if self.generative:
-            self.generator_devices = _checked_devices(generator_devices)
+            self.generator_devices = self._generator_devices(
+                generator_devices, check.boolean("allow_shared_generator_devices", allow_shared_generator_devices))
             if not self.generator_devices:
                 raise ValueError(f"recipe {self.recipe.name!r} needs at least one generator device")
             self.policy = _checked_policy(compile_unet)
@@ -272,7 +302,7 @@ class OnlineGenAugLoader:
                     f"every generated batch would be thrown away; raise pool_size or lower generator_batch_size")
         else:
             ignored = [f"{k}={v!r}" for k, v in given.items() if v != _GENERATION_ARGUMENTS[k]]
-            if ignored:
+            if ignored and self._layout.speaks:
                 logger.info("onlineaug: recipe %r generates nothing: ignoring %s", self.recipe.name, ", ".join(ignored))
             self.generator_devices, self.roles, self.specs, self.policy = [], {}, {}, LoadPolicy()
         if self.recipe.needs_class_names and self.class_names is None:
@@ -286,7 +316,13 @@ class OnlineGenAugLoader:
         self._sampler_generator = torch.Generator()
         if sampler is None:
             shuffle = True if shuffle is None else check.boolean("shuffle", shuffle)
-            sampler = RandomSampler(dataset, generator=self._sampler_generator) if shuffle else SequentialSampler(dataset)
+            if self._layout.distributed:  # a shard per rank, the same permutation on every rank (seed + epoch)
+                sampler = DistributedSampler(dataset, num_replicas=self._layout.world_size, rank=self._layout.rank,
+                                             shuffle=shuffle, seed=self.seed, drop_last=drop_last)
+            elif shuffle:
+                sampler = RandomSampler(dataset, generator=self._sampler_generator)
+            else:
+                sampler = SequentialSampler(dataset)
         elif shuffle:
             raise ValueError("pass either sampler or shuffle=True, not both (as for DataLoader)")
         self.sampler = sampler
@@ -306,14 +342,18 @@ class OnlineGenAugLoader:
                 raise TypeError(f"the dataset must be picklable to reach the producer processes (as for "
                                 f"DataLoader workers under spawn): {error}") from error
             if self.recipe.needs_labels:
-                self._labels = dataset_labels(dataset, self.num_classes, progress=self.progress)
+                fmt = self.item_format
+                self._labels = dataset_labels(dataset, self.num_classes, progress=self.progress,
+                                              label_of=lambda data, index: load_label(data, index, num_classes, fmt))
 
         pin = self.device.type == "cuda" if pin_memory is None else check.boolean("pin_memory", pin_memory)
+        self._item_sampler = EpochTaggedSampler(sampler)  # each index reaches its worker with the epoch
         self._dataloader = DataLoader(
-            UInt8ImageDataset(dataset, self.image_size, self.num_classes), batch_size=self.batch_size,
-            sampler=sampler, num_workers=num_workers, pin_memory=pin, drop_last=drop_last,
+            UInt8ImageDataset(dataset, self.image_size, self.num_classes, self.item_format, seed=self.seed,
+                              rank=self.rank), batch_size=self.batch_size,
+            sampler=self._item_sampler, num_workers=num_workers, pin_memory=pin, drop_last=drop_last,
             persistent_workers=num_workers > 0)
-        if drop_last and len(self._dataloader) == 0:
+        if drop_last and len(self._dataloader) == 0 and self._layout.speaks:
             warnings.warn(f"drop_last=True with batch_size={batch_size} larger than the {len(sampler)} samples the "
                           f"sampler yields: every epoch is empty; lower batch_size or set drop_last=False",
                           RuntimeWarning, stacklevel=2)
@@ -350,6 +390,22 @@ class OnlineGenAugLoader:
         self._sources_fingerprint: str | None = None
         self._assembler = BatchAssembler(self.recipe, None, device=self.device, image_size=self.image_size,
                                          batch_size=self.batch_size, p_aug=self.p_aug, ring_size=self.prefetch + 2)
+
+    def _generator_devices(self, spec, allow_shared: bool) -> list[str]:
+        """This rank's generator devices from ``generator_devices`` (see :func:`assign_generator_devices`),
+        agreed with the other ranks (a collective under ``torch.distributed``: a rank's error is raised on all)."""
+        layout = self._layout
+        trainer_gpu = self.device.index if self.device.type == "cuda" else None
+        num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        devices, failure = [], None
+        try:
+            devices = _checked_devices(assign_generator_devices(
+                num_gpus, layout.local_rank, layout.local_world_size, spec, trainer_gpu=trainer_gpu,
+                allow_shared=allow_shared))
+        except (TypeError, ValueError) as error:
+            failure = error
+        distributed.agree_on_generator_devices(layout, self.device, devices, failure, allow_shared=allow_shared)
+        return devices
 
     def _make_recipe(self, recipe, recipe_options, generation_size, generator, models) -> Recipe:
         if recipe_options is not None and not isinstance(recipe_options, Mapping):
@@ -394,8 +450,8 @@ class OnlineGenAugLoader:
             sources = self._publish_sources()
             resources.report_dir = make_report_dir()
             settings = self._producer_settings(sources, resources.report_dir)
-            cpu_producers = sum(1 for d in self.generator_devices if d == "cpu")
-            threads = max(1, (os.cpu_count() or 1) // (cpu_producers + 1)) if cpu_producers else None
+            threads = producer_threads(_cpu_count(), self._layout.local_world_size,
+                                       sum(1 for d in self.generator_devices if d == "cpu"))
             shared = Shared(resources.pool.spec, resources.sources.name, len(self.dataset), resources.report_dir)
             resources.producers = ProducerGroup(
                 settings, self.generator_devices, shared,
@@ -416,12 +472,15 @@ class OnlineGenAugLoader:
             recipe=self.recipe, dataset=self.dataset, num_classes=self.num_classes, class_names=self.class_names,
             image_size=self.image_size, batch_size=self.generator_batch_size, seed=self.seed,
             trainer_rank=self.rank, roles=self.roles, specs=self.specs, policy=self.policy,
-            pool_fields=self.recipe.pool_fields(self.image_size), labels=self._labels)
+            pool_fields=self.recipe.pool_fields(self.image_size), labels=self._labels, item_format=self.item_format)
         key = prepare_cache_key(settings, fingerprint_bytes(self._dataset_bytes), sources)
         if key is not None:
             settings.prepared_path = os.path.join(report_dir, "prepared.pt")
             if self.cache_dir is not None:
                 settings.prepare_cache_path = os.path.join(self.cache_dir, "prepared", f"{self.recipe.name}-{key}.pt")
+        index_key = index_cache_key(settings, fingerprint_bytes(self._dataset_bytes)) if self.cache_dir else None
+        if index_key is not None:  # the recipe's per-index results (De-DA's segmentation), next to its preparation
+            settings.index_cache_dir = os.path.join(self.cache_dir, "prepared", f"{self.recipe.name}-index-{index_key}")
         return settings
 
     def _publish_sources(self) -> SourceSet:
@@ -504,6 +563,7 @@ class OnlineGenAugLoader:
         if self.generative and epoch_dependent(self.sampler):
             self._publish_sources()
         self._sampler_generator.manual_seed(derive_seed(self.seed, "sampler", self.rank, self.epoch))
+        self._item_sampler.epoch = self.epoch  # seeds this epoch's random crops
         coins = numpy_generator(self.seed, "replace", self.rank, self.epoch)
         params_generator = torch_generator(self.seed, "params", self.rank, self.epoch, device=self.device)
         assembler = self._assembler
@@ -553,6 +613,8 @@ class OnlineGenAugLoader:
         if counts["batches"] < ONLY_MISSES_BATCHES or counts["misses"] == 0:
             return
         self._only_misses_logged = True
+        if not self._layout.speaks:  # under torchrun, warnings come from local rank 0 only
+            return
         produced = int(self.pool.produced.sum()) if self.pool is not None else 0
         steps = getattr(self.recipe, "num_inference_steps", None)
         settings = (f"recipe {self.recipe.name!r}, {self.generator!r} at {self.recipe.generation_size} px"
@@ -589,8 +651,16 @@ class OnlineGenAugLoader:
                 "producer_hangs": producers.hangs if producers else 0,
                 "gen_images_per_s": produced / elapsed if elapsed > 0 else 0.0}
 
-    def stats(self) -> dict:
-        """Counters since construction: samples served, pool state, producer throughput (kept after close)."""
+    def stats(self, reduce: bool = False) -> dict:
+        """Counters since construction: samples served, pool state, producer throughput (kept after close).
+
+        ``reduce=True``: the sums over all trainer ranks (``generated_share`` recomputed from them,
+        ``gen_images_per_s`` the total rate); a collective under ``torch.distributed``: every rank must call it.
+        """
+        counts = self._local_stats()
+        return _summed_over_ranks(counts) if _CHECK.boolean("reduce", reduce) else counts
+
+    def _local_stats(self) -> dict:
         counts = dict(self._counts)
         served = counts["real"] + counts["generated"]
         counts["generated_share"] = counts["generated"] / served if served else 0.0
@@ -602,6 +672,30 @@ class OnlineGenAugLoader:
             counts.update(pool_ready=0, pool_size=self.pool_size if self.generative else 0, produced=0,
                           torn_reads=0, rejected={}, producer_restarts=0, producer_hangs=0, gen_images_per_s=0.0)
         return counts
+
+
+def _summed_over_ranks(counts: dict) -> dict:
+    """``counts`` (numbers, and the ``rejected`` dict of numbers) summed over the ranks; the same keys on every
+    rank, as every rank runs the same recipe."""
+    rejected = counts.get("rejected", {})
+    keys = sorted(k for k, v in counts.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "generated_share")
+    reasons = sorted(rejected)
+    sums = distributed.sum_over_ranks([counts[k] for k in keys] + [rejected[r] for r in reasons])
+    out = dict(counts)  # anything not a number stays this rank's
+    out.update({k: (int(round(v)) if isinstance(counts[k], int) else v) for k, v in zip(keys, sums)})
+    out["rejected"] = {r: int(round(v)) for r, v in zip(reasons, sums[len(keys):])}
+    served = out["real"] + out["generated"]
+    out["generated_share"] = out["generated"] / served if served else 0.0
+    return out
+
+
+def _cpu_count() -> int:
+    """The cores this process may run on (its affinity, e.g. under taskset or a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _with_info(result) -> tuple[torch.Tensor, torch.Tensor, dict]:

@@ -33,14 +33,20 @@ Slot protocol (a seqlock; no cross-process lock, so a producer killed at any ins
   generated work away. Recipes that serve by index or class match turn it off (a fresh sample may wait long
   for its match), and then the oldest is overwritten.
 
-Ordering relies on aligned 8-byte loads/stores being atomic and on x86-64's memory ordering (stores become
-visible in program order, loads are not reordered with loads): NumPy issues no fences. On other architectures
-(e.g. aarch64) a torn read could go undetected, so :meth:`SamplePool.create` warns there.
+Ordering relies on aligned 8-byte loads/stores being atomic and on x86-64's memory ordering (total store
+order: stores become visible in program order, loads are not reordered with loads): NumPy issues no fences. On
+other architectures (e.g. aarch64 GH200 nodes) a torn read could go undetected, so :meth:`SamplePool.create` and
+:meth:`SamplePool.attach` refuse to run there unless ``ONLINEAUG_ALLOW_WEAK_MEMORY_ORDER=1`` accepts the risk.
+
+Shared memory is reserved when the pool is created (``posix_fallocate``): tmpfs allocates pages only when they
+are first written, so without it a ``/dev/shm`` that fills up later kills the process with SIGBUS mid-write;
+with it, a full ``/dev/shm`` is a clear :class:`MemoryError` at creation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import platform
 import secrets
@@ -59,6 +65,7 @@ LEASE_TIMEOUT_NS = 1_000_000_000  # a lease older than this (its reader died or 
 BASE_COUNTERS = ("produced", "busy_ns", "started_ns", "heartbeat_ns", "steps")
 KEY_FIELDS = ("index", "label")  # every payload's lookup keys (int64 scalars)
 SEGMENT_PREFIX = "onlineaug_"
+WEAK_MEMORY_ORDER_ENV = "ONLINEAUG_ALLOW_WEAK_MEMORY_ORDER"
 _ALIGN = 64
 
 
@@ -119,15 +126,44 @@ def shm_free_bytes(path: str = SHM_DIR) -> int | None:
     return stats.f_bavail * stats.f_frsize
 
 
+def _capacity_error(needed: int, free: int | None, *, num_slots: int, slot_bytes: int, path: str) -> MemoryError:
+    has = f"has only {free:,} bytes free" if free is not None else "has no room for it"
+    return MemoryError(
+        f"the sample pool needs {needed:,} bytes of shared memory (pool_size={num_slots} slots x "
+        f"{slot_bytes:,} bytes) but {path} {has}. Lower pool_size or image_size, "
+        f"or give {path} more room: `docker run --shm-size=<bytes>` (or `--ipc=host`), or "
+        f"`sudo mount -o remount,size=<bytes> {path}`."
+    )
+
+
 def check_shm_capacity(needed: int, *, num_slots: int, slot_bytes: int, path: str = SHM_DIR) -> None:
     free = shm_free_bytes(path)
     if free is not None and needed > free:
-        raise MemoryError(
-            f"the sample pool needs {needed:,} bytes of shared memory (pool_size={num_slots} slots x "
-            f"{slot_bytes:,} bytes) but {path} has only {free:,} bytes free. Lower pool_size or image_size, "
-            f"or give {path} more room: `docker run --shm-size=<bytes>` (or `--ipc=host`), or "
-            f"`sudo mount -o remount,size=<bytes> {path}`."
-        )
+        raise _capacity_error(needed, free, num_slots=num_slots, slot_bytes=slot_bytes, path=path)
+
+
+def _reserve(segment: shared_memory.SharedMemory, size: int) -> None:
+    """Allocate the segment's pages now (``posix_fallocate``), so that writing them later cannot SIGBUS.
+
+    Raises ``OSError`` (``ENOSPC`` when ``/dev/shm`` is full). Where the platform has no ``posix_fallocate``
+    (macOS) or the segment no file descriptor (Windows), nothing is reserved.
+    """
+    fd = getattr(segment, "_fd", -1)  # the POSIX SharedMemory's descriptor of /dev/shm/<name>
+    if size > 0 and fd >= 0 and hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, size)
+
+
+def check_memory_order() -> None:
+    """Refuse to run the lock-free pool where x86-64's memory ordering does not hold, unless opted in."""
+    machine = platform.machine()
+    if machine.lower() in ("x86_64", "amd64") or os.environ.get(WEAK_MEMORY_ORDER_ENV) == "1":
+        return
+    raise RuntimeError(
+        f"the sample pool's lock-free slot protocol (a seqlock) needs x86-64's total store order: it issues no "
+        f"memory fences, so on {machine or 'this machine'} (e.g. aarch64 GH200 nodes) the CPU may reorder a "
+        f"producer's stores or the trainer's loads and a read that overlaps a write may go undetected, serving a "
+        f"torn sample. Run the trainer and producers on x86-64, or set {WEAK_MEMORY_ORDER_ENV}=1 to run anyway "
+        f"and accept that risk.")
 
 
 def _untracked(name: str, *, create: bool = False, size: int = 0) -> shared_memory.SharedMemory:
@@ -247,9 +283,10 @@ class SamplePool:
             )
         if max_reuse < 1:
             raise ValueError(f"max_reuse must be >= 1 (each generated sample served at most that often), got {max_reuse}")
+        check_memory_order()
         if platform.machine().lower() not in ("x86_64", "amd64"):
-            warnings.warn(f"the sample pool's lock-free slot protocol relies on x86-64 memory ordering; on "
-                          f"{platform.machine()} a read that overlaps a producer's write may go undetected",
+            warnings.warn(f"{WEAK_MEMORY_ORDER_ENV}=1: the sample pool runs on {platform.machine()} without the "
+                          f"memory ordering its slot protocol relies on; a torn sample may be served",
                           RuntimeWarning, stacklevel=2)
         token = segment_name("pool")
         for key in KEY_FIELDS:
@@ -262,17 +299,26 @@ class SamplePool:
         check_shm_capacity(spec.data_bytes + spec.control_bytes, num_slots=num_slots, slot_bytes=spec.slot_bytes)
         sweep_stale_segments()
         data = _untracked(spec.data_name, create=True, size=max(spec.data_bytes, 1))
+        control = None
         try:
             control = _untracked(spec.control_name, create=True, size=spec.control_bytes)
-        except BaseException:
-            data.close()
-            _unlink_quietly(spec.data_name)
+            _reserve(data, spec.data_bytes)
+            _reserve(control, spec.control_bytes)
+        except BaseException as error:
+            for segment in (data, control):
+                if segment is not None:
+                    segment.close()
+                    _unlink_quietly(segment.name.lstrip("/"))
+            if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+                raise _capacity_error(spec.data_bytes + spec.control_bytes, shm_free_bytes(), num_slots=num_slots,
+                                      slot_bytes=spec.slot_bytes, path=SHM_DIR) from error
             raise
         np.ndarray((spec.control_bytes // 8,), dtype=np.int64, buffer=control.buf)[:] = 0
         return cls(spec, data, control, owner=True)
 
     @classmethod
     def attach(cls, spec: PoolSpec) -> "SamplePool":
+        check_memory_order()
         data = _attach_untracked(spec.data_name)
         control = _attach_untracked(spec.control_name)
         return cls(spec, data, control, owner=False)
@@ -328,17 +374,26 @@ class SamplePool:
     def write(self, slot: int, payload: Mapping[str, np.ndarray]) -> bool:
         """Write one sample into ``slot`` (which must belong to the calling producer).
 
+        ``payload`` holds exactly the pool's fields, each of its declared shape and dtype: nothing is cast.
         Returns False, writing nothing, when the trainer leased the slot since it was chosen: choose again.
         """
         missing = set(self.fields) - set(payload)
         if missing:
             raise KeyError(f"payload is missing pool fields {sorted(missing)}; expected {sorted(self.fields)}")
+        unknown = set(payload) - set(self.fields)
+        if unknown:
+            raise KeyError(f"payload has fields {sorted(unknown)} that the pool does not hold; expected "
+                           f"{sorted(self.fields)} (the recipe's pool_fields)")
         values = {}
         for name, array in payload.items():
             value = np.asarray(array)
-            if name in self.fields and value.shape != self.fields[name].shape[1:]:
+            target = self.fields[name]
+            if value.shape != target.shape[1:]:
                 raise ValueError(f"payload field {name!r} has shape {value.shape}, the pool expects "
-                                 f"{self.fields[name].shape[1:]}")
+                                 f"{target.shape[1:]}")
+            if value.dtype != target.dtype:  # never cast: a float image in [0, 1] would become zeros, 3.9 -> 3
+                raise TypeError(f"payload field {name!r} has dtype {value.dtype}, the pool expects {target.dtype}; "
+                                f"convert it where it is made (images are uint8 in [0, 255])")
             values[name] = value
         start = self.seq[slot]
         writing = start + 1 if start % 2 == 0 else start

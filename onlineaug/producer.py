@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from onlineaug.images import load_image, resize_uint8
+from onlineaug.images import NO_BOX, ItemFormat, crop_box, crop_resize, load_image
 from onlineaug.models import LoadPolicy, ModelRole, ModelSpec, describe_model, load_model
 from onlineaug.pool import Field
 from onlineaug.recipes.base import DROPPED, NON_FINITE, Jobs, ProducerContext, Produced, Recipe, SourceBatch
@@ -60,6 +60,8 @@ class ProducerSettings:
     labels: np.ndarray | None = None  # every dataset item's label, when the recipe draws by class
     prepared_path: str | None = None  # where the prepared state is shared (None: the recipe prepares nothing)
     prepare_cache_path: str | None = None  # the on-disk cache file for it (None: no cache)
+    item_format: ItemFormat = dataclasses.field(default_factory=ItemFormat)  # dict keys, crop geometry
+    index_cache_dir: str | None = None  # the folder for the recipe's per-index results (None: no disk cache)
 
 
 def reject_reasons(recipe: Recipe) -> tuple[str, ...]:
@@ -79,7 +81,24 @@ def prepare_cache_key(settings: ProducerSettings, dataset_fingerprint: str, sour
     models = {role: (describe_model(settings.roles[role], spec), dataclasses.asdict(spec))
               for role, spec in settings.specs.items()}
     text = repr((settings.recipe.name, sorted(key.items()), dataset_fingerprint, sources.fingerprint(),
-                 sorted(models.items()), settings.image_size, settings.seed))
+                 sorted(models.items()), settings.image_size, settings.seed,
+                 sorted(dataclasses.asdict(settings.item_format).items())))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def index_cache_key(settings: ProducerSettings, dataset_fingerprint: str) -> str | None:
+    """The per-index cache's key: (dataset, the models of the roles it names, recipe settings), or None if none.
+
+    Unlike :func:`prepare_cache_key` it leaves out the source set (results are per index, whoever draws it).
+    """
+    key = settings.recipe.index_cache_key()
+    if key is None:
+        return None
+    roles = [role for role in key.get("roles", tuple(settings.specs)) if role in settings.specs]
+    models = {role: (describe_model(settings.roles[role], settings.specs[role]),
+                     dataclasses.asdict(settings.specs[role])) for role in roles}
+    text = repr((settings.recipe.name, sorted(key.items()), dataset_fingerprint, sorted(models.items()),
+                 settings.image_size, settings.seed))
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
@@ -103,8 +122,11 @@ class Producer:
             device=self.device, rank=rank, trainer_rank=settings.trainer_rank, num_classes=settings.num_classes,
             class_names=settings.class_names, image_size=settings.image_size, sources=sources,
             generator=torch_generator(settings.seed, role, rank, generation, device=self.device),
-            rng=numpy_generator(settings.seed, f"{role}/jobs", rank, generation), dataset=settings.dataset)
+            rng=numpy_generator(settings.seed, f"{role}/jobs", rank, generation), dataset=settings.dataset,
+            cache_dir=settings.index_cache_dir, item_format=settings.item_format)
         self.context.state = self._prepared_state()
+        # random crops of source images (resize="random_resized_crop"): a seeded stream per producer and restart
+        self._crop_rng = numpy_generator(settings.seed, f"{role}/crops", rank, generation)
         self._retries: collections.deque[tuple[Jobs, int]] = collections.deque()  # (one job, attempts so far)
         self.counts = collections.Counter()
 
@@ -150,23 +172,29 @@ class Producer:
         return jobs, np.array(attempts + [0] * (count - len(retried)), dtype=np.int64)
 
     def _load_sources(self, jobs: Jobs, attempts: np.ndarray) -> SourceBatch:
+        """Each job's source item, cropped once as a real sample is (``settings.item_format.resize``): the same
+        box resized to the generation size (``images``) and to the training size (``originals``)."""
         settings, size = self.settings, self.recipe.generation_size or self.settings.image_size
-        images, originals, labels = [], [], []
+        fmt = settings.item_format
+        images, originals, labels, crops = [], [], [], []
         for index in jobs.indices.tolist():
             if index < 0:  # a job without a source image (text-to-image)
                 images.append(torch.zeros(3, size, size, dtype=torch.uint8))
                 originals.append(torch.zeros(3, settings.image_size, settings.image_size, dtype=torch.uint8))
                 labels.append(-1)
+                crops.append(NO_BOX)
                 continue
-            image, label = load_image(settings.dataset, index, settings.num_classes)
-            images.append(resize_uint8(image, size))
-            originals.append(resize_uint8(image, settings.image_size))
+            image, label = load_image(settings.dataset, index, settings.num_classes, fmt)
+            box = crop_box(image.shape[-2], image.shape[-1], fmt.resize, self._crop_rng)
+            images.append(crop_resize(image, box, size))
+            originals.append(crop_resize(image, box, settings.image_size))
             labels.append(label)
+            crops.append(box)
         return SourceBatch(
             images=torch.stack(images).to(self.device), originals=torch.stack(originals),
             labels=torch.tensor(labels, dtype=torch.int64), indices=torch.from_numpy(jobs.indices.copy()),
             values={k: torch.as_tensor(np.asarray(v)) for k, v in jobs.values.items()},
-            attempts=torch.from_numpy(attempts))
+            attempts=torch.from_numpy(attempts), crops=torch.tensor(crops, dtype=torch.int64).reshape(-1, 4))
 
     # ------------------------------------------------------------------------------------------- step
     def step(self) -> dict[str, np.ndarray]:
@@ -223,7 +251,7 @@ class Producer:
                 raise TypeError(f"recipe {name!r}: field {field!r} is {array.dtype} {array.shape[1:]}, the pool "
                                 f"expects {fields[field].dtype} {fields[field].shape}")
             if np.issubdtype(array.dtype, np.floating):
-                finite &= np.isfinite(array.reshape(m, -1)).all(axis=1)
+                finite &= np.isfinite(array).all(axis=tuple(range(1, array.ndim)))  # m may be 0
             host[field] = array
         if not finite.all():
             rejected.setdefault(NON_FINITE, []).extend(rows[~finite].tolist())
@@ -284,11 +312,11 @@ def fingerprint_bytes(data: bytes) -> str:
 
 
 __all__ = ["DROPPED", "NON_FINITE", "Producer", "ProducerSettings", "counter_names", "fingerprint_bytes", "standalone_context",
-           "prepare_cache_key", "reject_reasons"]
+           "index_cache_key", "prepare_cache_key", "reject_reasons"]
 
 
 def standalone_context(*, num_classes: int, image_size: int, device="cpu", class_names=None, sources=None,
-                       dataset=None, seed: int = 0, state=None) -> ProducerContext:
+                       dataset=None, seed: int = 0, state=None, cache_dir: str | None = None) -> ProducerContext:
     """A :class:`ProducerContext` outside a loader, to call a recipe's ``produce`` directly (tests, benchmarks)."""
     device = torch.device(device)
     if sources is None:
@@ -297,4 +325,5 @@ def standalone_context(*, num_classes: int, image_size: int, device="cpu", class
     return ProducerContext(device=device, rank=0, trainer_rank=0, num_classes=num_classes, class_names=class_names,
                            image_size=image_size, sources=sources,
                            generator=torch_generator(seed, "standalone", device=device),
-                           rng=numpy_generator(seed, "standalone/jobs"), dataset=dataset, state=state)
+                           rng=numpy_generator(seed, "standalone/jobs"), dataset=dataset, state=state,
+                           cache_dir=cache_dir)

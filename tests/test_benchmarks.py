@@ -124,8 +124,6 @@ def test_generator_smoke(tmp_path, device, capsys):
     assert (tmp_path / "generator_instruct-pix2pix.png").stat().st_size > 0
     _check_environment(data)
     assert data["images_per_s"] == pytest.approx(result["images_per_s"]) and data["images_per_s"] > 0
-    assert data["images_per_gpu_hour"] == pytest.approx(3600 * data["images_per_s"])
-    assert data["speedup_vs_baseline"] == pytest.approx(data["images_per_s"] / data["baseline_images_per_s"])
     assert data["weights"]["random"] and "tiny" in data["weights"]["label"]
     if device.type == "cpu":
         assert data["mfu"] is None and data["peak_flops"] is None
@@ -133,6 +131,8 @@ def test_generator_smoke(tmp_path, device, capsys):
         assert (data["mfu"] is None) == (data["peak_flops"] is None)
     rows = [data["baseline"], *data["ours"]]
     assert [r["batch_size"] for r in rows] == [1, 1, 2]
+    # the work timed is the work asked for: --baseline-images 2 one at a time, then batch x --repeats 1
+    assert [r["images"] for r in rows] == [2, 1, 2]
     for row in rows:
         # InstructPix2Pix's guidance runs the UNet on 3 copies of each latent, once per step
         assert row["unet_batch_per_image"] == 3 and row["unet_forwards_per_call"] == 2
@@ -183,11 +183,9 @@ def test_overhead_smoke(tmp_path, device, capsys):
             assert key in row
         assert len(row["runs_seconds"]) == 2 and row["seconds"] == pytest.approx(sum(row["runs_seconds"]) / 2)
         assert row["steps_per_s"] > 0
-        assert row["images_per_s"] == pytest.approx(row["steps_per_s"] * settings["batch_size"])
         assert data["A_O"][row["provider"]] == row["A_O"]
         assert row["within_noise"] == overhead.within_noise(row["runs_seconds"], vanilla_runs, row["A_O"],
                                                             data["noise_floor"])
-    assert data["providers"][0]["A_O"] == pytest.approx(0, abs=1e-9)  # T_van is the mean of the vanilla runs
     genmix = data["providers"][1]
     assert genmix["generated"] + genmix["real"] == 2 * settings["steps"] * settings["batch_size"]  # both rounds
     assert genmix["fresh"] + genmix["reused"] == genmix["generated"]  # every generated serve is one or the other
@@ -278,7 +276,10 @@ def test_plan_measure_quick(tmp_path, capsys):
     assert measured["trainer_images_per_s"] > 0 and measured["producer_images_per_s"] > 0
     assert data["plan"]["trainer_images_per_s"] == measured["trainer_images_per_s"]
     assert data["plan"]["producer_images_per_s"] == measured["producer_images_per_s"]
-    assert data["plan"]["generator_gpus"] == math.ceil(round(data["plan"]["generator_gpus_exact"], 9))
+    plan = data["plan"]  # G = p_aug x R_train x T / (max_reuse x R_gen), from the measured rates
+    assert plan["generator_gpus_exact"] == pytest.approx(
+        plan["p_aug"] * measured["trainer_images_per_s"] * plan["trainer_gpus"]
+        / (plan["max_reuse"] * measured["producer_images_per_s"]))
     assert [r["provider"] for r in measured["overhead"]["providers"]] == ["vanilla", "onlineaug genmix"]
     assert "plan (measured here)" in md.read_text()
     assert "measured producer" in capsys.readouterr().out
@@ -297,7 +298,14 @@ def test_kernels_benchmark_smoke(tmp_path, device):
     timed = {(r["op"], r["provider"]): r for r in record["results"] if r["median_s"] is not None}
     assert ("concat_blend", "torch eager (reference)") in timed
     for row in timed.values():
-        assert row["median_s"] > 0 and row["gbps"] == pytest.approx(row["bytes"] / row["median_s"] / 1e9)
+        assert row["median_s"] > 0
+    # the memory traffic the bandwidth figures divide by, for B = 2 images of 3 x 32 x 32:
+    pixels = 2 * 3 * 32 * 32
+    for row in record["results"]:
+        if row["op"] == "mixup":  # fp32: own and partner read, output written
+            assert row["bytes"] == 3 * 4 * pixels
+        else:  # one uint8 source byte per pixel at least (two along a ramp, plus the fractal), fp32 output
+            assert 4 * pixels + pixels <= row["bytes"] <= 4 * pixels + 3 * pixels
     if device.type == "cpu":  # the interpreter is not a speed measure: ours is skipped, with the reason
         ours = [r for r in record["results"] if "triton" in r["provider"]]
         assert ours and all(r["median_s"] is None and "interpreter" in r["note"] for r in ours)

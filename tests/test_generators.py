@@ -16,6 +16,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionInstructPix2PixPipeline,
     StableDiffusionPipeline,
 )
@@ -38,7 +39,9 @@ PIPELINE_CLASSES = {
     "instruct-pix2pix": StableDiffusionInstructPix2PixPipeline,
     "img2img": StableDiffusionImg2ImgPipeline,
     "text2img": StableDiffusionPipeline,
+    "inpaint": StableDiffusionInpaintPipeline,
 }
+IN_CHANNELS = {"instruct-pix2pix": 8, "img2img": 4, "text2img": 4, "inpaint": 9}
 # Released parameter counts (diffusers/transformers configs of SD 1.5 and CLIP ViT-L/14).
 SD15_UNET_PARAMS = 859_520_964
 IP2P_EXTRA_PARAMS = 4 * 320 * 3 * 3  # 4 more input channels of conv_in (3x3, 320 outputs)
@@ -66,6 +69,10 @@ def run(pipe, task, batch=2, size=64, steps=2, seed=0):
         kwargs.update(image=image, guidance_scale=4.0, image_guidance_scale=1.5)
     elif task == "img2img":
         kwargs.update(image=image, strength=1.0, guidance_scale=4.0)
+    elif task == "inpaint":
+        mask = torch.zeros(batch, 1, size, size)
+        mask[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
+        kwargs.update(image=image, mask_image=mask, strength=1.0, guidance_scale=4.0, height=size, width=size)
     else:
         kwargs.update(height=size, width=size, guidance_scale=4.0)
     return pipe(**kwargs).images
@@ -100,7 +107,7 @@ def empty_hf_home(tmp_path, monkeypatch):
 def test_tiny_pipeline_runs(task, device):
     pipe = load_pipeline("tiny", task, device=device)
     assert type(pipe) is PIPELINE_CLASSES[task]
-    assert pipe.unet.config.in_channels == (8 if task == "instruct-pix2pix" else 4)
+    assert pipe.unet.config.in_channels == IN_CHANNELS[task]
     assert pipe.unet.config.out_channels == 4 and pipe.vae.config.latent_channels == 4
     assert pipe.safety_checker is None and pipe.feature_extractor is None
     assert pipe.vae_scale_factor == 8  # the real SD latent geometry
@@ -256,10 +263,10 @@ def test_ensure_available_checks_without_loading(saved_ip2p, tmp_path, empty_hf_
     partial = tmp_path / "partial"
     shutil.copytree(saved_ip2p, partial)
     shutil.rmtree(partial / "vae")
-    with pytest.raises(GeneratorNotFoundError, match=r"lists \['vae'\].*partial download"):
+    with pytest.raises(GeneratorNotFoundError, match=r"partial download.*missing: vae/"):
         ensure_available(str(partial), "instruct-pix2pix")
     with pytest.raises(ValueError, match="unknown task"):
-        ensure_available("tiny", "inpaint")
+        ensure_available("tiny", "depth2img")
 
 
 
@@ -293,7 +300,7 @@ def test_folder_without_model_index(tmp_path):
 
 
 def test_unknown_task_names_valid_ones():
-    for call in (lambda: load_pipeline("tiny", "inpaint"), lambda: describe("tiny", "inpaint")):
+    for call in (lambda: load_pipeline("tiny", "depth2img"), lambda: describe("tiny", "depth2img")):
         with pytest.raises(ValueError) as info:
             call()
         assert all(task in str(info.value) for task in TASKS)
@@ -345,7 +352,8 @@ def test_dtype_and_compile_policy():
 
 
 def test_describe():
-    assert describe("tiny", "instruct-pix2pix") == "tiny random-weight InstructPix2Pix (in-process)"
+    assert describe("tiny", "instruct-pix2pix") == "tiny random-weight SD 1.x InstructPix2Pix (in-process)"
+    assert describe("tiny", "inpaint", "sdxl") == "tiny random-weight SDXL inpainting (in-process)"
     assert describe("tiny").startswith("tiny random-weight")
     text = describe("full-random", "instruct-pix2pix")
     assert "random-weight" in text and "untrained" in text and "InstructPix2Pix" in text

@@ -285,3 +285,12 @@ def test_drop_last_with_a_batch_larger_than_the_data_warns(shapes):
         loader = OnlineGenAugLoader(shapes, recipe="cutmix", num_classes=4, batch_size=64, image_size=SIZE,
                                     drop_last=True, num_workers=0, progress=False)
     assert list(loader) == []
+
+
+def test_set_epoch_rejects_what_is_not_an_epoch_number(shapes):
+    loader = OnlineGenAugLoader(shapes, recipe="cutmix", num_classes=4, batch_size=8, image_size=SIZE,
+                                num_workers=0, progress=False)
+    with pytest.raises(TypeError, match=r"argument epoch='a' is invalid: expected an int"):
+        loader.set_epoch("a")
+    with pytest.raises(ValueError, match=r"argument epoch=-1 is invalid: expected an int >= 0"):
+        loader.set_epoch(-1)

@@ -20,8 +20,10 @@ from onlineaug.recipes import register_recipe
 from onlineaug.recipes.diffusemix import DiffuseMix
 
 SIZE = 32
+# resize="squash": SyntheticShapes images are already SIZE x SIZE, so real rows are the dataset's images exactly
 TINY = dict(generator="tiny", generator_devices=["cpu"], image_size=SIZE, generation_size=SIZE,
-            recipe_options={"num_inference_steps": 2}, generator_batch_size=2, num_workers=0, progress=False)
+            recipe_options={"num_inference_steps": 2}, generator_batch_size=2, num_workers=0, progress=False,
+            resize="squash")
 
 
 def segments_of(loader):
@@ -469,7 +471,7 @@ def test_epochs_reshuffle_without_set_epoch_and_set_epoch_replays(shapes):
 def test_a_sampler_works_with_the_default_arguments(shapes):
     sampler = torch.utils.data.SequentialSampler(shapes)
     loader = OnlineGenAugLoader(shapes, recipe="none", num_classes=10, batch_size=4, image_size=SIZE,
-                                num_workers=0, sampler=sampler)
+                                num_workers=0, sampler=sampler, resize="squash")
     images, _ = next(iter(loader))
     expected = torch.stack([shapes[i][0] for i in range(4)])
     torch.testing.assert_close(denormalize(images), expected, rtol=0, atol=0)

@@ -240,3 +240,77 @@ def test_trainer_and_producers_prefer_different_slots_so_reads_are_not_torn_unde
           f"reads; lease + newest-ready + backpressure {after:.2%} of {after_reads} reads")
     assert after_reads > 100 and before_reads > 100
     assert after < before / 2  # measured on 2 CPU cores: 8-18% before, 0.6-1% after
+
+# ---- dtypes are required, never cast (a float image in [0, 1] would be stored as zeros, 3.9 as 3) -------------
+@pytest.mark.parametrize("name, value, given", [
+    ("image", np.full((3, 8, 8), 0.5, np.float32), "float32"),  # an image in [0, 1]: uint8 would be all zeros
+    ("label", np.float64(3.9), "float64"),  # would be stored as class 3
+    ("index", np.int32(2), "int32"),
+])
+def test_write_rejects_a_payload_of_the_wrong_dtype_naming_the_field_and_both_dtypes(pool, name, value, given):
+    bad = dict(payload(1), **{name: value})
+    expected = FIELDS[name].dtype
+    with pytest.raises(TypeError, match=rf"payload field '{name}' has dtype {given}, the pool expects {expected}"):
+        pool.write(0, bad)
+    assert pool.seq[0] == 0 and pool.ready_count() == 0  # nothing was written, not even half
+
+
+def test_write_rejects_fields_the_pool_does_not_hold(pool):
+    with pytest.raises(KeyError, match=r"payload has fields \['mask'\] that the pool does not hold"):
+        pool.write(0, dict(payload(1), mask=np.zeros((8, 8), np.uint8)))
+    assert pool.seq[0] == 0
+
+
+# ---- memory order: the seqlock needs x86-64's total store order ---------------------------------------------
+@pytest.mark.parametrize("machine", ["aarch64", "arm64", "ppc64le"])
+def test_weakly_ordered_machines_refuse_the_pool_without_the_opt_in(monkeypatch, machine):
+    spec = SamplePool.create(FIELDS, num_slots=2, num_producers=1, max_reuse=1)
+    try:
+        monkeypatch.setattr(pool_module.platform, "machine", lambda: machine)
+        monkeypatch.delenv(pool_module.WEAK_MEMORY_ORDER_ENV, raising=False)
+        message = rf"seqlock\) needs x86-64's total store order.*on {machine}.*ONLINEAUG_ALLOW_WEAK_MEMORY_ORDER=1"
+        with pytest.raises(RuntimeError, match=message):
+            SamplePool.create(FIELDS, num_slots=2, num_producers=1, max_reuse=1)
+        with pytest.raises(RuntimeError, match=message):  # a producer attaching refuses too
+            SamplePool.attach(spec.spec)
+        monkeypatch.setenv(pool_module.WEAK_MEMORY_ORDER_ENV, "1")
+        with pytest.warns(RuntimeWarning, match="a torn sample may be served"):
+            opted_in = SamplePool.create(FIELDS, num_slots=2, num_producers=1, max_reuse=1)
+        opted_in.close()
+        SamplePool.attach(spec.spec).close()
+    finally:
+        spec.close()
+
+
+def test_x86_64_needs_no_opt_in(monkeypatch):
+    monkeypatch.setattr(pool_module.platform, "machine", lambda: "AMD64")
+    monkeypatch.delenv(pool_module.WEAK_MEMORY_ORDER_ENV, raising=False)
+    SamplePool.create(FIELDS, num_slots=2, num_producers=1, max_reuse=1).close()
+
+
+# ---- shared memory is reserved at creation, not when first written --------------------------------------------
+def test_creation_reserves_the_segments_pages():
+    fields = {**FIELDS, "image": Field((3, 64, 64), "uint8")}
+    p = SamplePool.create(fields, num_slots=32, num_producers=1, max_reuse=1)
+    try:
+        # tmpfs allocates a page when it is first written: without the reservation the data segment, never
+        # written yet, would hold (almost) no blocks
+        allocated = os.stat(os.path.join("/dev/shm", p.spec.data_name)).st_blocks * 512
+        assert allocated >= p.spec.data_bytes
+    finally:
+        p.close()
+
+
+def test_a_full_dev_shm_at_reservation_is_the_capacity_error_and_leaves_nothing(monkeypatch):
+    import errno
+
+    before = set(os.listdir("/dev/shm"))
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pool_module.os, "posix_fallocate", full)
+    with pytest.raises(MemoryError, match=r"needs [\d,]+ bytes of shared memory \(pool_size=6 slots.*--shm-size"):
+        SamplePool.create(FIELDS, num_slots=6, num_producers=1, max_reuse=1)
+    ours = f"{pool_module.SEGMENT_PREFIX}{os.getpid()}_"
+    assert not {n for n in set(os.listdir("/dev/shm")) - before if n.startswith(ours)}

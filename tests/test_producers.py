@@ -16,7 +16,7 @@ from torch.utils.data import DistributedSampler, Subset, SubsetRandomSampler, We
 from onlineaug import OnlineGenAugLoader
 from onlineaug.datasets import SyntheticShapes
 from onlineaug.generators import save_tiny_pipeline
-from onlineaug.recipes.base import NON_FINITE
+from onlineaug.recipes.base import NON_FINITE, Produced
 from onlineaug.recipes.diffusemix import DiffuseMix
 
 SIZE = 16
@@ -216,3 +216,41 @@ def test_the_tiny_generator_defaults_the_generation_size_to_the_training_size(sh
         assert loader.recipe.generation_size == SIZE  # GenMix's own default is 512 px: nothing on a CPU
     finally:
         loader.close()
+
+
+# ------------------------------------------------------------------------------- two models in one producer
+class FilteredDiffuseMix(DiffuseMix):
+    """DiffuseMix with a CLIP filter that keeps, on purpose, only the better half of each batch."""
+
+    name = "test-filtered-diffusemix"
+    reject_reasons = (NON_FINITE, "clip_filter")
+
+    def model_roles(self):
+        from onlineaug.models import ModelRole
+
+        return {**super().model_roles(), "filter": ModelRole("clip", "openai/clip-vit-base-patch32")}
+
+    def produce(self, models, batch, ctx):
+        produced = super().produce(models, batch, ctx)  # the edit; NaN rows already rejected
+        embedder = models["filter"]
+        scores = embedder.embed_images(produced.payload["generated"]) @ embedder.embed_texts(["a photo"]).T
+        keep = torch.zeros(len(scores), dtype=torch.bool)
+        keep[scores.flatten().argsort(descending=True)[:len(scores) // 2]] = True
+        rows = produced.rows[keep]
+        return Produced({k: v[keep] for k, v in produced.payload.items()}, rows=rows,
+                        rejected={**produced.rejected, "clip_filter": produced.rows[~keep]})
+
+
+@pytest.mark.slow
+def test_two_models_in_one_producer_and_the_filter_rejections_are_counted(shapes):
+    recipe = FilteredDiffuseMix(num_inference_steps=1, generation_size=SIZE)
+    options = {k: v for k, v in FAST.items() if k not in ("recipe_options", "generation_size")}
+    loader = OnlineGenAugLoader(shapes, recipe=recipe, num_classes=4, batch_size=10, p_aug=1.0, pool_size=16,
+                                max_reuse=1, return_info=True, **options)
+    with loader:
+        serve_until(loader, lambda: loader.stats()["produced"] >= 8)
+        stats = loader.stats()
+    # each batch of 4 jobs: 2 kept, 2 rejected by the filter (never retried: max_retries = 0)
+    # (a snapshot may fall between a step's pool writes and its rejection counts)
+    assert stats["rejected"]["clip_filter"] in (stats["produced"], stats["produced"] - 2)
+    assert stats["rejected"][NON_FINITE] == 0

@@ -1,5 +1,7 @@
 """Recipes: paper defaults, the producer step on the tiny generator, and batch-time mixing vs formulas."""
 
+import re
+
 import pytest
 import torch
 
@@ -20,10 +22,12 @@ def context(device, size=16, num_classes=5, smoothing=0.0, p_aug=1.0, fractals=4
 
 
 def test_registry_lists_the_built_in_recipes():
-    assert {"diffusemix", "genmix", "cutmix", "mixup", "none", "diffmix", "diffaug", "diffgen", "dafusion"} <= set(
-        available_recipes())
-    with pytest.raises(ValueError, match="unknown recipe 'nope'; available recipes: cutmix, dafusion, diffaug, diffgen, "
-                                         "diffmix, diffusemix"):
+    expected = {"diffusemix", "genmix", "cutmix", "mixup", "none", "diffmix", "diffaug", "diffgen", "dafusion", "deda",
+                "diffcoremix"}
+    assert expected <= set(available_recipes())
+    assert available_recipes() == sorted(available_recipes())
+    with pytest.raises(ValueError, match="unknown recipe 'nope'; available recipes: " +
+                       re.escape(", ".join(available_recipes())) + "$"):
         get_recipe("nope")
     with pytest.raises(ValueError, match=r"recipe 'genmix' has no option\(s\) \['bogus'\]; its options are: "
                                          r"prompt_set, prompts, .*num_inference_steps"):

@@ -60,20 +60,15 @@ def resolve_models(roles: Mapping[str, ModelRole], main_role: str | None, genera
     return resolved
 
 
-def _diffusion_task(role: ModelRole) -> str:
-    return role.kind
-
-
 def ensure_available(role_name: str, role: ModelRole, spec: ModelSpec, dataset=None) -> None:
     """Raise now, in the calling process, what :func:`load_model` would raise for missing weights.
 
     ``dataset``: the training dataset (a ``dataset-masks`` segmenter checks that it provides masks).
     """
-    from onlineaug.generators import ensure_available as ensure_pipeline
-
     if role.kind in DIFFUSION_KINDS:
-        source = spec.random_weights[0] if spec.is_random else spec.source
-        ensure_pipeline(source, _diffusion_task(role))
+        from onlineaug.models.diffusion import ensure_diffusion_available
+
+        ensure_diffusion_available(role_name, role, spec)
         return
     if role.kind in PERCEPTION_KINDS:
         _ensure_perception(role_name, role, spec, dataset)
@@ -83,10 +78,10 @@ def ensure_available(role_name: str, role: ModelRole, spec: ModelSpec, dataset=N
 
 def describe_model(role: ModelRole, spec: ModelSpec) -> str:
     """One line for logs: what fills this role (never loads weights)."""
-    from onlineaug.generators import describe
-
     if role.kind in DIFFUSION_KINDS:
-        return describe(spec.random_weights[0] if spec.is_random else spec.source, _diffusion_task(role))
+        from onlineaug.models.diffusion import describe_diffusion
+
+        return describe_diffusion(role, spec)
     if role.kind in PERCEPTION_KINDS:
         return _describe_perception(role, spec)
     return f"{role.kind} from {spec.source}"
@@ -96,15 +91,15 @@ def load_model(role: ModelRole, spec: ModelSpec, *, device: torch.device | str, 
                seed: int = 0, dataset=None):
     """Build the model for ``role`` from ``spec`` on ``device`` under ``policy``.
 
-    Returns a diffusers pipeline for the diffusion kinds, a :class:`~onlineaug.models.clip.ClipEmbedder` for
-    ``"clip"``, and a segmenter (``segment(images, texts, indices)``) for the segmenter kinds.
+    Returns a diffusers pipeline for the diffusion kinds (:func:`onlineaug.models.diffusion.load_diffusion`: with
+    ``pipe.kind``, ``pipe.architecture``, ``pipe.class_tokens``, ``pipe.placeholder_tokens``), a
+    :class:`~onlineaug.models.clip.ClipEmbedder` for ``"clip"``, and a segmenter (``segment(images, texts,
+    indices)``) for the segmenter kinds.
     """
-    from onlineaug.generators import load_pipeline
-
     if role.kind in DIFFUSION_KINDS:
-        source = spec.random_weights[0] if spec.is_random else spec.source
-        return load_pipeline(source, _diffusion_task(role), device=device, compile_unet=bool(policy.compile),
-                             seed=seed, scheduler=role.scheduler)
+        from onlineaug.models.diffusion import load_diffusion
+
+        return load_diffusion(role, spec, device=device, policy=policy, seed=seed)
     if role.kind in PERCEPTION_KINDS:
         return _load_perception(role, spec, device=device, policy=policy, seed=seed, dataset=dataset)
     raise NotImplementedError(f"model kind {role.kind!r} is not available yet")

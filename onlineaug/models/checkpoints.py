@@ -18,7 +18,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from onlineaug.generators.loading import ALLOW_DOWNLOAD_ENV, _HUB_ID, _looks_like_path, hf_cache_dir
+from onlineaug.generators.weights import ALLOW_DOWNLOAD_ENV, _HUB_ID, hf_cache_dir
+from onlineaug.generators.weights import looks_like_path as _looks_like_path
 from onlineaug.generators.seeding import seeded
 from onlineaug.models.spec import LoadPolicy
 

@@ -44,7 +44,8 @@ def get_recipe(recipe: str | Recipe, **options) -> Recipe:
 
 
 # The built-in recipes register themselves on import.
-from onlineaug.recipes import cutmix, dafusion, diffmix, diffusemix, genmix, mixup, vanilla  # noqa: E402,F401
+from onlineaug.recipes import (  # noqa: E402,F401
+    cutmix, dafusion, deda, diffcoremix, diffmix, diffusemix, genmix, mixup, vanilla)
 
 __all__ = ["Batch", "BatchContext", "Jobs", "ProducerContext", "Produced", "Recipe", "SourceBatch",
            "available_recipes", "get_recipe", "register_recipe"]

@@ -13,6 +13,9 @@ Producer side (in a producer process, on a generator device; the same code would
     ``prepare(models, ctx)``  once per loader, before producing: state computed from the data (DiffCoRe-Mix's
                             per-class CLIP thresholds). Its result is shared by every producer, kept across
                             restarts and cached on disk under ``prepare_key()``.
+    ``index_cache_key()``   for results computed lazily per dataset index while producing (De-DA's segmentation):
+                            the settings they depend on. With a loader ``cache_dir``, ``ctx.cache_dir`` is then a
+                            folder for them, keyed by this, the dataset and the models of ``key["roles"]``.
     ``plan_jobs(ctx, n)``   which sources the next ``n`` generations start from (default: ``n`` indices drawn
                             from what the trainer's sampler can yield), plus per-job values (target class,
                             strength, ...).
@@ -20,8 +23,9 @@ Producer side (in a producer process, on a generator device; the same code would
                             (:class:`Produced`: rejected rows, by reason, are regenerated up to ``max_retries``).
 
 Trainer side (in the training process, on the trainer's device)
-    ``real_fields``         which batch fields a real sample fills: field name -> "image" (``label`` and ``index``
-                            are always filled).
+    ``real_fields``         which batch fields a real sample fills: field name -> "image", "label" or "index"
+                            (``label`` and ``index`` are always filled; another name keeps the real sample's
+                            value in a row replaced from the pool, e.g. DiffCoRe-Mix's ``real_index``).
     ``serve_match``         None: a replaced row takes any pooled sample; ``"class"``: one of the row's class;
                             ``"index"``: an edit of the row's own image.
     ``sample_params(...)``  draw this batch's per-sample parameters with an explicit ``torch.Generator``.
@@ -99,7 +103,9 @@ class SourceBatch:
     indices: torch.Tensor  # int64 (n,): dataset indices
     values: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # the jobs' values, (n, ...)
     attempts: torch.Tensor | None = None  # int64 (n,): 0 for a new job, k for its k-th regeneration
-    crops: torch.Tensor | None = None  # int64 (n, 4): (top, left, height, width) of each image in its item
+    # int64 (n, 4): (top, left, height, width) of the box of its item each image was cut from (the loader's
+    # resize geometry, the same for images and originals); (0, 0, 0, 0) for rows without a source image
+    crops: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -136,6 +142,8 @@ class ProducerContext:
     rng: np.random.Generator  # seeded, on the host: for planning
     dataset: Any = None  # the user's dataset (for recipes that read masks or other item fields)
     state: Any = None  # what ``prepare`` returned (None before / without preparation)
+    item_format: Any = None  # the loader's :class:`~onlineaug.images.ItemFormat` (dict keys, crop geometry)
+    cache_dir: str | None = None  # a folder for per-index results (see ``Recipe.index_cache_key``), or None
 
     def class_name(self, label: int) -> str:
         if self.class_names is None:
@@ -219,6 +227,14 @@ class Recipe(abc.ABC):
         """The settings that change what ``prepare`` computes (part of its cache key), or None: no preparation."""
         return None
 
+    def index_cache_key(self) -> dict | None:
+        """The settings that change what this recipe caches per dataset index, or None: no per-index disk cache.
+
+        An optional ``"roles"`` entry (a tuple of role names) limits the models the key depends on to those
+        (default: every role), so that changing another model keeps the cache.
+        """
+        return None
+
     def prepare(self, models: Mapping[str, Any], ctx: ProducerContext):
         """State computed once per loader from the data, before producing (picklable; tensors on the CPU)."""
         return None
@@ -240,6 +256,12 @@ class Recipe(abc.ABC):
     def apply(self, batch: Batch, params: Mapping[str, torch.Tensor], ctx: BatchContext):
         """``(images, targets)`` or ``(images, targets, info)``: normalised images (B,3,S,S) in ``ctx.out_dtype``,
         soft targets (B,K), and per-sample (B,) tensors worth logging."""
+
+    def preview_rows(self, samples: list[dict], dataset, ctx: BatchContext,
+                     generator: torch.Generator) -> dict[str, list[torch.Tensor]] | None:
+        """The rows of the demo's ``preview.png`` for some pooled ``samples`` (field -> host array each): row name
+        -> one float image (3, S, S) or (S, S) in [0, 1] per sample. None: the demo's DiffuseMix figure."""
+        return None
 
     def describe(self) -> dict:
         """The recipe's settings, for logs and metrics files."""

@@ -40,3 +40,20 @@ STD = (0.229, 0.224, 0.225)
 def mean_std(device):
     return (torch.tensor(MEAN, dtype=torch.float32, device=device),
             torch.tensor(STD, dtype=torch.float32, device=device))
+
+
+def count_kernel_launches(monkeypatch) -> list:
+    """The names of the Triton kernels launched from now on (``_backend.jit`` runs once per launch).
+
+    Lets a test tell which path ``backend="auto"`` took: the kernel, or the plain-torch reference.
+    """
+    from onlineaug.kernels import _backend
+
+    launches, jit = [], _backend.jit
+
+    def recording_jit(fn):
+        launches.append(fn.__name__)
+        return jit(fn)
+
+    monkeypatch.setattr(_backend, "jit", recording_jit)
+    return launches

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kernel_testing import SHAPES, assert_close, generator, rand_uint8
+from kernel_testing import SHAPES, assert_close, count_kernel_launches, generator, rand_uint8
 
 from onlineaug.kernels import box_mix, box_mix_reference, sample_boxes
 
@@ -36,10 +36,16 @@ def test_kernel_matches_reference_exactly(device, shape, dtype):
     assert torch.equal(images, before)  # not in place
 
 
-def test_auto_and_torch_backends_agree(device):
+def test_auto_runs_the_kernel_on_cuda_and_the_reference_elsewhere(device, monkeypatch):
+    launches = count_kernel_launches(monkeypatch)
     images, partner, boxes = sample_inputs((7, 3, 64, 33), torch.float32, device, seed=1)
+    ref_mixed, ref_kept = box_mix_reference(images, partner, boxes)
     mixed, kept = box_mix(images, partner, boxes)
-    ref_mixed, ref_kept = box_mix(images, partner, boxes, backend="torch")
+    assert launches == (["_box_mix_kernel"] if device.type == "cuda" else [])  # elsewhere: the reference itself
+    assert torch.equal(mixed, ref_mixed)  # only copies pixels: exact on either path
+    assert_close(kept, ref_kept)
+    mixed, kept = box_mix(images, partner, boxes, backend="triton")  # Triton's interpreter on CPU
+    assert launches[-1] == "_box_mix_kernel"
     assert torch.equal(mixed, ref_mixed)
     assert_close(kept, ref_kept)
 

@@ -2,9 +2,7 @@
 import pytest
 import torch
 
-from onlineaug.kernels import _backend
-
-from kernel_testing import FLOAT_DTYPES, SHAPES, assert_close, generator, mean_std, rand_uint8
+from kernel_testing import FLOAT_DTYPES, SHAPES, assert_close, count_kernel_launches, generator, mean_std, rand_uint8
 
 from onlineaug.kernels import (
     SPLIT_LEFT_RIGHT,
@@ -47,14 +45,19 @@ def test_kernel_matches_reference(device, shape, out_dtype):
     assert_close(out, ref)
 
 
-def test_auto_and_torch_backends_agree(device):
-    # "auto" is Triton on CUDA (so this compares kernel and reference there) and torch elsewhere
-    expected = "triton" if device.type == "cuda" else "torch"
-    assert _backend.resolve_backend("auto", device, "concat_blend_normalize") == expected
+def test_auto_runs_the_kernel_on_cuda_and_the_reference_elsewhere(device, monkeypatch):
+    launches = count_kernel_launches(monkeypatch)
     (orig, gen, frac), params = sample_inputs((3, 3, 17, 16), device, seed=1)
-    auto = concat_blend_normalize(orig, gen, frac, **params)  # triton on CUDA, torch on CPU
-    torch_ = concat_blend_normalize(orig, gen, frac, **params, backend="torch")
-    assert_close(auto, torch_)
+    reference = concat_blend_normalize_reference(orig, gen, frac, **params)
+    auto = concat_blend_normalize(orig, gen, frac, **params)
+    if device.type == "cuda":
+        assert launches == ["_concat_blend_kernel"]
+        assert_close(auto, reference)
+    else:  # no kernel launched: the reference itself
+        assert launches == [] and torch.equal(auto, reference)
+    kernel = concat_blend_normalize(orig, gen, frac, **params, backend="triton")  # Triton's interpreter on CPU
+    assert launches[-1] == "_concat_blend_kernel"
+    assert_close(kernel, reference)
 
 
 # ---- the formula, evaluated by hand for one sample ----------------------------------------------

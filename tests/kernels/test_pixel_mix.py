@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from kernel_testing import SHAPES, assert_close, generator, rand_uint8
+from kernel_testing import SHAPES, assert_close, count_kernel_launches, generator, rand_uint8
 
-from onlineaug.kernels import _backend, pixel_mix, pixel_mix_reference
+from onlineaug.kernels import pixel_mix, pixel_mix_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.uint8]
 
@@ -31,12 +31,19 @@ def test_kernel_matches_reference(device, shape, dtype):
     assert torch.equal(images, before)
 
 
-def test_auto_and_torch_backends_agree(device):
-    # "auto" is Triton on CUDA (so this compares kernel and reference there) and torch elsewhere
-    expected = "triton" if device.type == "cuda" else "torch"
-    assert _backend.resolve_backend("auto", device, "pixel_mix") == expected
+def test_auto_runs_the_kernel_on_cuda_and_the_reference_elsewhere(device, monkeypatch):
+    launches = count_kernel_launches(monkeypatch)
     images, partner, lam = sample_inputs((7, 3, 64, 33), torch.float32, device, seed=1)
-    assert_close(pixel_mix(images, partner, lam), pixel_mix(images, partner, lam, backend="torch"))
+    reference = pixel_mix_reference(images, partner, lam)
+    auto = pixel_mix(images, partner, lam)
+    if device.type == "cuda":
+        assert launches == ["_pixel_mix_kernel"]
+        assert_close(auto, reference)
+    else:  # no kernel launched: the reference itself
+        assert launches == [] and torch.equal(auto, reference)
+    kernel = pixel_mix(images, partner, lam, backend="triton")  # Triton's interpreter on CPU
+    assert launches[-1] == "_pixel_mix_kernel"
+    assert_close(kernel, reference)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
