@@ -19,6 +19,7 @@ from onlineaug import producer_processes
 from onlineaug.datasets import SyntheticShapes
 from onlineaug.pool import SEGMENT_PREFIX, sweep_stale_segments
 from onlineaug.producer_processes import ProducerGroup
+from waiting import serve_until, wait_until
 
 SIZE = 16
 FAST = dict(generator="tiny", generator_devices=["cpu"], image_size=SIZE, generation_size=SIZE,
@@ -28,25 +29,6 @@ FAST = dict(generator="tiny", generator_devices=["cpu"], image_size=SIZE, genera
 @pytest.fixture(scope="module")
 def shapes():
     return SyntheticShapes(num_classes=4, size=SIZE, length=40, seed=0)
-
-
-def wait_until(condition, timeout=90.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return False
-
-
-def serve_until(loader, condition, timeout=180.0, step_s=0.02):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out: {loader.stats()}"
-        for _ in loader:
-            if condition():
-                break
-            time.sleep(step_s)  # a training step: the producers get the CPU too
 
 
 # ------------------------------------------------------------------------------ hung producers (heartbeat)

@@ -18,6 +18,7 @@ from onlineaug.datasets import SyntheticShapes
 from onlineaug.generators import GeneratorNotFoundError
 from onlineaug.recipes import register_recipe
 from onlineaug.recipes.diffusemix import DiffuseMix
+from waiting import wait_until
 
 SIZE = 32
 # resize="squash": SyntheticShapes images are already SIZE x SIZE, so real rows are the dataset's images exactly
@@ -29,15 +30,6 @@ TINY = dict(generator="tiny", generator_devices=["cpu"], image_size=SIZE, genera
 def segments_of(loader):
     spec = loader.pool.spec
     return [os.path.join("/dev/shm", spec.data_name), os.path.join("/dev/shm", spec.control_name)]
-
-
-def wait_until(condition, timeout=60.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return False
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from onlineaug.datasets import SyntheticShapes
 from onlineaug.generators import save_tiny_pipeline
 from onlineaug.recipes.base import NON_FINITE, Produced
 from onlineaug.recipes.diffusemix import DiffuseMix
+from waiting import serve_until, wait_until
 
 SIZE = 16
 FAST = dict(generator="tiny", generator_devices=["cpu"], image_size=SIZE, generation_size=SIZE,
@@ -27,27 +28,6 @@ FAST = dict(generator="tiny", generator_devices=["cpu"], image_size=SIZE, genera
 @pytest.fixture(scope="module")
 def shapes():
     return SyntheticShapes(num_classes=4, size=SIZE, length=100, seed=0)
-
-
-def wait_until(condition, timeout=90.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return False
-
-
-def serve_until(loader, condition, timeout=180.0, step_s=0.02):
-    """Iterate the loader (which polls its producers, restarting dead ones) until ``condition()``; the last info."""
-    deadline, info = time.monotonic() + timeout, None
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out: {loader.stats()}"
-        for _, _, info in loader:
-            if condition():
-                break
-            time.sleep(step_s)  # a training step: the producers get the CPU too
-    return info
 
 
 def generated_sources(loader, wanted: int, max_epochs: int = 40) -> tuple[np.ndarray, np.ndarray]:
