@@ -371,10 +371,12 @@ class SamplePool:
         order = np.lexsort((self.written_ns[slots], -uses, ~exhausted, ~unusable))
         return slots[order[:count]]
 
-    def write(self, slot: int, payload: Mapping[str, np.ndarray]) -> bool:
+    def write(self, slot: int, payload: Mapping[str, np.ndarray], *, served: int = 0) -> bool:
         """Write one sample into ``slot`` (which must belong to the calling producer).
 
         ``payload`` holds exactly the pool's fields, each of its declared shape and dtype: nothing is cast.
+        ``served``: serves this sample already had in this run (a stored sample loaded again, so that
+        ``max_reuse`` counts across the run).
         Returns False, writing nothing, when the trainer leased the slot since it was chosen: choose again.
         """
         missing = set(self.fields) - set(payload)
@@ -406,6 +408,9 @@ class SamplePool:
         for name, target in self.fields.items():
             target[slot] = values[name]
         self.written_ns[slot] = time.monotonic_ns()
+        if served:  # before the slot is ready: no reader counts serves of this write yet
+            self.uses[slot] = served
+            self.uses_seq[slot] = writing + 1
         self.seq[slot] = writing + 1  # even and larger than before: ready
         return True
 

@@ -62,6 +62,8 @@ class ProducerSettings:
     prepare_cache_path: str | None = None  # the on-disk cache file for it (None: no cache)
     item_format: ItemFormat = dataclasses.field(default_factory=ItemFormat)  # dict keys, crop geometry
     index_cache_dir: str | None = None  # the folder for the recipe's per-index results (None: no disk cache)
+    store_dir: str | None = None  # the sample store's folder producers append to (None: no store, onlineaug.store)
+    store_shard_size: int = 64  # samples per store shard
 
 
 def reject_reasons(recipe: Recipe) -> tuple[str, ...]:
