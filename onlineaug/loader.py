@@ -501,6 +501,7 @@ class OnlineGenAugLoader:
             pool_fields=self.recipe.pool_fields(self.image_size), labels=self._labels, item_format=self.item_format)
         if self.store_dir is not None and self.store_policy in ("write", "readwrite"):
             settings.store_dir, settings.store_shard_size = self.store_dir, self.store_shard_size
+            settings.store_run = len(SampleStore(self.store_dir, {}).shards())
         key = prepare_cache_key(settings, fingerprint_bytes(self._dataset_bytes), sources)
         if key is not None:
             settings.prepared_path = os.path.join(report_dir, "prepared.pt")

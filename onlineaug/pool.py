@@ -263,6 +263,7 @@ class SamplePool:
             view = raw[:, offset:offset + field.nbytes].view(np.dtype(field.dtype))
             self.fields[name] = view.reshape((n, *field.shape))
         self.torn = 0  # reads discarded because a write overlapped them
+        self.overwritten_uses = 0  # serves of the write the last successful write() replaced
         if owner:
             self._finalizer = weakref.finalize(self, _release, data, control, True)
         else:
@@ -405,6 +406,8 @@ class SamplePool:
             # lease before checking ``seq``, sees either the old even value or this odd one and backs off).
             self.seq[slot] = start
             return False
+        # serves of the write being replaced (no read can begin now that seq is odd), for StoreFeeder's counts
+        self.overwritten_uses = int(self.uses[slot]) if self.uses_seq[slot] == start and start % 2 == 0 else 0
         for name, target in self.fields.items():
             target[slot] = values[name]
         self.written_ns[slot] = time.monotonic_ns()
@@ -490,18 +493,18 @@ class SamplePool:
                 return None
             for name, target in out.items():
                 np.copyto(target, self.fields[name][slot])
-            torn = self.seq[slot] != seq
+            if self.seq[slot] != seq:
+                self.torn += 1
+                return None
+            uses = int(self.uses[slot]) if self.uses_seq[slot] == seq else 0
+            if uses >= self.spec.max_reuse:  # only reachable if a caller reads a slot twice without acquire
+                return None
+            # counted while the lease still holds the slot: a producer that overwrites it next sees this serve
+            self.uses[slot] = uses + 1
+            self.uses_seq[slot] = seq
+            return uses
         finally:
             self.lease[slot] = 0
-        if torn:
-            self.torn += 1
-            return None
-        uses = int(self.uses[slot]) if self.uses_seq[slot] == seq else 0
-        if uses >= self.spec.max_reuse:  # only reachable if a caller reads a slot twice without acquire
-            return None
-        self.uses[slot] = uses + 1
-        self.uses_seq[slot] = seq
-        return uses
 
 
 def _release(data: shared_memory.SharedMemory, control: shared_memory.SharedMemory, unlink: bool) -> None:

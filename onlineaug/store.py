@@ -379,24 +379,21 @@ class StoreFeeder:
         slots = pool.choose_slots_to_write(0, pool.spec.num_slots)
         written = 0
         for slot in slots.tolist():
-            seq = pool.seq[[slot]].copy()
-            uses = int(pool._effective_uses(seq, np.array([slot]))[0])
-            previous = self._slot_row.pop(slot, None)
-            if previous is not None:  # uses includes the serves it had before it was loaded (written as served)
-                self._served[previous] = max(self._served.get(previous, 0), uses)
-            item = self._next()
+            item = self._next()  # never a sample in the pool now (the one in this slot included)
             if item is None:
                 self.exhausted = True
                 break
+            self.exhausted = False
             shard, row, _ = item
             if pool.write(slot, self._payload(shard, row), served=self._served.get((shard, row), 0)):
+                previous = self._slot_row.get(slot)
+                if previous is not None:  # its serves in this run (it was written with those it had before)
+                    self._served[previous] = max(self._served.get(previous, 0), pool.overwritten_uses)
                 self._slot_row[slot] = (shard, row)
                 self.loaded += 1
                 written += 1
             else:  # the trainer leased the slot meanwhile: try this sample again later
                 self._queue.append(item)
-                if previous is not None:
-                    self._slot_row[slot] = previous
         return written
 
     def _next(self) -> tuple[str, int, int] | None:

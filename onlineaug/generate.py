@@ -1,0 +1,99 @@
+"""Offline generation with the same recipes: ``python -m onlineaug generate`` fills a sample store.
+
+What the papers do offline (generate a folder of augmented images once, then train on it) becomes: fill the
+store that an :class:`~onlineaug.OnlineGenAugLoader` with the same settings and ``cache_dir`` reads, with
+``store_policy="read"`` (pure offline training) or ``"readwrite"`` (warm start, then keep generating)::
+
+    python -m onlineaug generate --recipe genmix --dataset /data/train --out /cache --num-samples 50000 \\
+        --devices cuda:0 --image-size 224
+    loader = OnlineGenAugLoader(ImageFolder("/data/train"), "genmix", num_classes=..., image_size=224,
+                                cache_dir="/cache", store_policy="read")
+
+It runs one :class:`~onlineaug.producer.Producer` per device (the class producer processes run) writing the same
+shards (:mod:`onlineaug.store`) with a progress bar and a rate, and resumes: the samples already in the store's
+complete shards count towards ``--num-samples``, and a resumed run seeds its producers by the store's size, so
+it adds new samples rather than copies of earlier ones. Several devices run as threads of this process (the
+denoiser's CUDA kernels release the GIL); ``cpu`` generates in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+from onlineaug.sources import SourceSet, sampler_sources
+
+
+def fill_store(loader, num_samples: int, *, devices=("cpu",), progress: bool = True) -> dict:
+    """Generate with ``loader``'s recipe, models and dataset into its store until it holds ``num_samples``.
+
+    ``loader`` is an unstarted :class:`~onlineaug.OnlineGenAugLoader` with a ``cache_dir`` (its settings make
+    the store's key; its sampler limits the source indices). Returns ``{"before", "after", "seconds",
+    "samples_per_s", "store"}``.
+    """
+    from onlineaug.producer import Producer
+    from onlineaug.store import SampleStore, ShardWriter
+
+    if loader.store_dir is None:
+        raise ValueError("fill_store needs a loader with cache_dir= and a generating recipe")
+    store = SampleStore.open(loader.store_dir, loader._store_manifest, create=True)
+    before = store.num_samples()
+    started = time.monotonic()
+    if before < num_samples:
+        indices, weights = sampler_sources(loader.sampler, len(loader.dataset))
+        labels = loader._labels[indices] if loader._labels is not None else None
+        sources = SourceSet(indices, weights, labels)
+        settings = loader._producer_settings(sources, tempfile.mkdtemp(prefix="onlineaug-generate-"))
+        settings.store_dir, settings.store_shard_size = loader.store_dir, loader.store_shard_size
+        settings.store_run = len(store.shards())
+        lock = threading.Lock()
+        claimed = [before]  # samples stored or handed to a writer
+        errors: list[BaseException] = []
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=num_samples, initial=before, desc=f"generate {loader.recipe.name}", unit="img",
+                       dynamic_ncols=True)
+
+        def run(rank: int, device: str) -> None:
+            writer = None
+            try:
+                producer = Producer(settings, rank=rank, device=device, sources=sources)
+                writer = ShardWriter(store.path, settings.pool_fields, settings.store_shard_size)
+                while not errors and claimed[0] < num_samples:
+                    rows = producer.step()
+                    with lock:
+                        take = min(len(rows["index"]) if rows else 0, num_samples - claimed[0])
+                        claimed[0] += take
+                        if bar is not None:
+                            bar.update(take)
+                    writer.append({name: values[:take] for name, values in rows.items()})
+                writer.seal()  # the last, shorter shard: the store holds what was asked for
+            except BaseException as error:  # noqa: BLE001 - re-raised on the calling thread
+                errors.append(error)
+                if writer is not None:
+                    writer.discard()
+
+        threads = [threading.Thread(target=run, args=(rank, str(device)), name=f"onlineaug-generate-{rank}")
+                   for rank, device in enumerate(devices)]
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                thread.join()
+        finally:
+            if bar is not None:
+                bar.close()
+        if errors:
+            raise errors[0]
+    after = store.num_samples()
+    seconds = time.monotonic() - started
+    return {"before": before, "after": after, "seconds": seconds,
+            "samples_per_s": (after - before) / seconds if seconds > 0 else 0.0, "store": store.path}
