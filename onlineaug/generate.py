@@ -19,6 +19,7 @@ denoiser's CUDA kernels release the GIL); ``cpu`` generates in this process.
 from __future__ import annotations
 
 import argparse
+import json
 import importlib
 import os
 import tempfile
@@ -97,3 +98,80 @@ def fill_store(loader, num_samples: int, *, devices=("cpu",), progress: bool = T
     seconds = time.monotonic() - started
     return {"before": before, "after": after, "seconds": seconds,
             "samples_per_s": (after - before) / seconds if seconds > 0 else 0.0, "store": store.path}
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def load_dataset(spec: str):
+    """``--dataset``: an ``ImageFolder`` path, or ``module:attr`` (a dataset, or a callable returning one)."""
+    if os.path.isdir(spec):
+        from torchvision.datasets import ImageFolder
+
+        return ImageFolder(spec)
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not module_name or not attr:
+        raise SystemExit(f"--dataset {spec!r} is neither a folder (an ImageFolder: one subfolder per class) nor "
+                         f"module:attr (e.g. mypackage.data:train_set or onlineaug.datasets:SyntheticShapes)")
+    try:
+        value = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise SystemExit(f"--dataset {spec!r}: {error}") from error
+    return value() if callable(value) and not hasattr(value, "__getitem__") else value
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, equals, value = text.partition("=")
+    if not equals:
+        raise argparse.ArgumentTypeError(f"--option takes key=value (a JSON value), got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value  # a bare string
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n\n")[0]
+    parser.add_argument("--recipe", required=True, help="a generating recipe (onlineaug.recipes.available_recipes())")
+    parser.add_argument("--dataset", required=True, help="an ImageFolder path, or module:attr (a dataset or a "
+                                                         "callable returning one)")
+    parser.add_argument("--out", required=True, help="the cache_dir the training loader will be given")
+    parser.add_argument("--num-samples", type=int, required=True, help="samples the store should hold")
+    parser.add_argument("--devices", nargs="+", default=["cpu"], help="generator devices, e.g. cuda:0 cuda:1")
+    parser.add_argument("--num-classes", type=int, default=None, help="default: len(dataset.classes)")
+    parser.add_argument("--image-size", type=int, default=224, help="the training loader's image_size")
+    parser.add_argument("--resize", default="random_resized_crop", help="the training loader's resize")
+    parser.add_argument("--generator", default="tiny", help="the recipe's main model (as the loader's generator=)")
+    parser.add_argument("--generation-size", type=int, default=None)
+    parser.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe option (recipe_options), repeatable; values are JSON")
+    parser.add_argument("--batch-size", type=int, default=4, help="source images per pipeline call")
+    parser.add_argument("--shard-size", type=int, default=64, help="samples per shard")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_generate(args) -> dict:
+    from onlineaug.loader import OnlineGenAugLoader
+
+    dataset = load_dataset(args.dataset)
+    num_classes = args.num_classes
+    if num_classes is None:
+        classes = getattr(dataset, "classes", None)
+        if classes is None:
+            raise SystemExit("--num-classes is needed: the dataset has no .classes")
+        num_classes = len(classes)
+    loader = OnlineGenAugLoader(
+        dataset, args.recipe, num_classes=num_classes, image_size=args.image_size, resize=args.resize,
+        generator=args.generator, generation_size=args.generation_size, recipe_options=dict(args.option),
+        generator_devices=list(args.devices), generator_batch_size=args.batch_size, pool_size=max(
+            args.batch_size * len(args.devices), 1), cache_dir=args.out, store_shard_size=args.shard_size,
+        seed=args.seed, num_workers=0, progress=not args.no_progress)
+    try:
+        report = fill_store(loader, args.num_samples, devices=loader.generator_devices,
+                            progress=not args.no_progress)
+    finally:
+        loader.close()
+    print(f"store {report['store']}: {report['after']} samples ({report['after'] - report['before']} new, "
+          f"{report['samples_per_s']:.2f} samples/s)")
+    print(f"train from it with OnlineGenAugLoader(..., cache_dir={args.out!r}, store_policy='read') and the same "
+          f"recipe, recipe_options, generator, image_size and resize")
+    return report

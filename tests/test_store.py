@@ -213,3 +213,26 @@ def test_generate_resumes_and_adds_new_samples(store, shapes):
     # leave the store as the other tests expect it
     for shard in added:
         os.unlink(shard)
+
+
+def cli_shapes():
+    """The dataset factory the command-line test names as ``test_store:cli_shapes``."""
+    return SyntheticShapes(num_classes=4, size=SIZE, length=32, seed=0)
+
+
+def test_generate_command_fills_a_store_the_loader_reads_and_resumes(tmp_path, capsys):
+    from onlineaug.__main__ import main
+
+    command = ["generate", "--recipe", "genmix", "--dataset", "test_store:cli_shapes", "--out", str(tmp_path),
+               "--devices", "cpu", "--image-size", str(SIZE), "--resize", "squash", "--option",
+               "num_inference_steps=1", "--batch-size", "2", "--shard-size", "2", "--no-progress"]
+    assert main(command + ["--num-samples", "3"]) == 0
+    assert "3 samples (3 new" in capsys.readouterr().out
+    loader = make_loader(cli_shapes(), str(tmp_path), store_policy="read")  # the same settings: the same store
+    store = SampleStore(loader.store_dir, loader.recipe.pool_fields(SIZE))
+    assert [len(read_shard(s, store.fields)["index"]) for s in store.shards()] in ([2, 1], [1, 2])
+    assert main(command + ["--num-samples", "4"]) == 0  # resumes: one more sample, not four
+    assert "4 samples (1 new" in capsys.readouterr().out
+    assert store.num_samples() == 4
+    with loader:
+        assert loader.stats()["pool_ready"] == 4 and loader.producers is None
