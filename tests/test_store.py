@@ -236,3 +236,46 @@ def test_generate_command_fills_a_store_the_loader_reads_and_resumes(tmp_path, c
     assert store.num_samples() == 4
     with loader:
         assert loader.stats()["pool_ready"] == 4 and loader.producers is None
+
+
+@pytest.mark.slow
+def test_producers_write_shards_and_one_killed_mid_shard_leaves_none_torn(tmp_path, shapes):
+    loader = make_loader(shapes, str(tmp_path), store_policy="write", store_shard_size=3, pool_size=8, p_aug=1.0)
+    with loader:
+        path = loader.store_dir
+
+        def filling():  # a complete shard and the producer's next one begun (3 rows per shard, 2 per step)
+            names = os.listdir(path) if os.path.isdir(path) else []
+            return [n for n in names if n.endswith(".tar")] and [n for n in names if n.endswith(".tmp")]
+
+        deadline = time.monotonic() + 240
+        while not filling() and time.monotonic() < deadline:
+            for _ in loader:  # serve the pool: backpressure lets the producer go on
+                pass
+            time.sleep(0.05)
+        assert filling(), "the producer wrote no shard in time"
+        pid = loader.producers.pids[0]
+        os.kill(pid, signal.SIGKILL)  # mid-shard: its next shard has rows in the temporary file
+        assert wait_for_exit(pid)
+        names = os.listdir(path)
+    assert [n for n in names if n.endswith(".tmp")]  # the torn one: hidden, never read
+    store = SampleStore(path, loader.recipe.pool_fields(SIZE))
+    shards = store.shards()
+    assert shards and all(len(read_shard(s, store.fields)["index"]) == 3 for s in shards)
+    reader = make_loader(shapes, str(tmp_path), store_policy="read", pool_size=8)
+    with reader:  # the next run reads every complete shard
+        assert reader.stats()["pool_ready"] == min(8, 3 * len(shards))
+
+
+def wait_for_exit(pid, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as handle:
+                if handle.read().split(") ")[-1].startswith("Z"):  # a zombie: dead, not yet reaped
+                    return True
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+        time.sleep(0.02)
+    return False
