@@ -343,6 +343,9 @@ class OnlineGenAugLoader:
                 self._labels = dataset_labels(dataset, self.num_classes, progress=self.progress,
                                               label_of=lambda data, index: load_label(data, index, num_classes, fmt))
         self.store_dir, self._store_manifest = self._store_location()
+        if self._reads_store_only and not self.generative:
+            raise ValueError(f"store_policy='read' serves stored generated samples, but recipe {self.recipe.name!r} "
+                             f"generates nothing; leave store_policy at its default")
         if self._reads_store_only and not SampleStore(self.store_dir, {}).shards():
             raise FileNotFoundError(
                 f"store_policy='read' but the sample store for these settings ({self.store_dir}) holds no complete "

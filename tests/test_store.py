@@ -146,6 +146,10 @@ def test_other_settings_never_read_this_store(store, shapes):
         make_loader(SyntheticShapes(num_classes=4, size=SIZE, length=32, seed=1), cache, store_policy="read")
     with pytest.raises(ValueError, match="pass cache_dir"):
         make_loader(shapes, None, store_policy="read")
+    with pytest.raises(ValueError, match="generates nothing"):
+        make_loader(shapes, cache, recipe="cutmix", store_policy="read", recipe_options=None, generation_size=None)
+    with pytest.raises(ValueError, match="store_policy"):
+        make_loader(shapes, cache, store_policy="append")
 
 
 def test_warm_start_respects_a_subset_sampler(store, shapes):
