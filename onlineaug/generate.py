@@ -19,14 +19,13 @@ denoiser's CUDA kernels release the GIL); ``cpu`` generates in this process.
 from __future__ import annotations
 
 import argparse
-import json
 import importlib
+import json
 import os
 import tempfile
 import threading
 import time
 
-import numpy as np
 
 from onlineaug.sources import SourceSet, sampler_sources
 

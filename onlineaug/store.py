@@ -406,5 +406,5 @@ class StoreFeeder:
         return self._queue.pop() if self._queue else None
 
 
-__all__ = ["DEFAULT_SHARD_SIZE", "FORMAT", "POLICIES", "SampleStore", "ShardWriter", "StoreFeeder", "allowed_rows", "read_shard",
-           "store_key", "store_path", "sweep_temporary"]
+__all__ = ["DEFAULT_SHARD_SIZE", "FORMAT", "POLICIES", "SampleStore", "ShardWriter", "StoreFeeder", "allowed_rows",
+           "read_shard", "store_key", "store_path", "sweep_temporary"]
