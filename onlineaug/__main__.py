@@ -28,17 +28,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from onlineaug import demo, plan
+    from onlineaug import demo, generate, plan
 
     parser = argparse.ArgumentParser(prog="python -m onlineaug", description=__doc__,
                                      formatter_class=HelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,plan}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,plan,generate}")
     demo.add_arguments(commands.add_parser(
         "demo", formatter_class=HelpFormatter,
         help="train a small CNN with a plain DataLoader and with online augmentation (--recipe); compare"))
     plan.add_arguments(commands.add_parser(
         "plan", formatter_class=HelpFormatter,
         help="how many GPUs should generate for a given trainer, or what the GPUs at hand sustain"))
+    generate.add_arguments(commands.add_parser(
+        "generate", formatter_class=HelpFormatter, help="fill a sample store offline with a recipe (resumable)"))
     return parser
 
 
@@ -52,6 +54,10 @@ def main(argv=None) -> int:
         from onlineaug import plan
 
         plan.run_plan(args)
+    elif args.command == "generate":
+        from onlineaug import generate
+
+        generate.run_generate(args)
     return 0
 
 

@@ -45,6 +45,7 @@ from onlineaug.producer_processes import PRODUCER_ENV, ProducerGroup, Shared, ma
 from onlineaug.recipes import BatchContext, Recipe, get_recipe
 from onlineaug.seeding import derive_seed, numpy_generator, torch_generator
 from onlineaug.sources import SharedSources, SourceSet, dataset_labels, epoch_dependent, sampler_sources
+from onlineaug.store import POLICIES as STORE_POLICIES, SampleStore, StoreFeeder, store_key, store_path
 
 logger = logging.getLogger("onlineaug")
 
@@ -68,6 +69,7 @@ class _Resources:
         self.pool: SamplePool | None = None
         self.sources: SharedSources | None = None
         self.producers: ProducerGroup | None = None
+        self.feeder: StoreFeeder | None = None  # store_policy="read": refills the pool from the sample store
         self.report_dir: str | None = None
         self.dataloader: DataLoader | None = None
 
@@ -75,6 +77,9 @@ class _Resources:
         if self.producers is not None:
             self.producers.stop()
             self.producers = None
+        if self.feeder is not None:
+            self.feeder.stop()
+            self.feeder = None
         for name in ("pool", "sources"):
             if getattr(self, name) is not None:
                 getattr(self, name).close()
@@ -192,7 +197,15 @@ class OnlineGenAugLoader:
             ``generated``, ``index`` (the real sample's dataset index, or the generated sample's source),
             ``label`` and the recipe's own per-sample fields.
         cache_dir: a folder for what is worth keeping across runs (the recipe's preparation, e.g. DiffCoRe-Mix's
-            thresholds), keyed by dataset, models and settings.
+            thresholds), keyed by dataset, models and settings; and the sample store (:mod:`onlineaug.store`):
+            tar shards of what producers generated, under a key of the recipe's settings, models, image size
+            and dataset, so that a later loader with the same settings starts with a full pool.
+        store_policy: what the loader does with the sample store under ``cache_dir``: ``"readwrite"`` (fill the
+            pool from it at start, then generate and append), ``"write"`` (start empty, append), or ``"read"``
+            (no producers and no generator at all: serve only stored samples, refilled from the store on a
+            trainer thread; offline training from ``python -m onlineaug generate``). ``max_reuse`` counts serves
+            across the run. Ignored without ``cache_dir``.
+        store_shard_size: samples per store shard (a shard becomes visible once complete).
         progress: show progress bars (waiting for ``warmup``, reading labels, preparing). Under ``torchrun``
             progress bars and warnings come from local rank 0 only.
         batch_transforms: a callable on the mixed (B, 3, S, S) float batch in [0, 1] on ``device``, applied to real
@@ -224,7 +237,7 @@ class OnlineGenAugLoader:
                  prefetch: int = 1, rank: int | None = None, progress: bool = True, return_info: bool = False,
                  cache_dir: str | os.PathLike | None = None, resize: str = DEFAULT_RESIZE,
                  image_key: str = "image", label_key: str = "label", allow_shared_generator_devices: bool = False,
-                 batch_transforms=None):
+                 batch_transforms=None, store_policy: str = "readwrite", store_shard_size: int = 64):
         check = _CHECK
         if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
             raise TypeError(f"dataset must be a map-style dataset (with __getitem__ and __len__), got "
@@ -265,6 +278,11 @@ class OnlineGenAugLoader:
             check._fail(TypeError, "batch_transforms", batch_transforms,
                         "a callable on a (B, 3, H, W) float batch, e.g. kornia.augmentation.AugmentationSequential(...)")
         self.batch_transforms = batch_transforms
+        self.store_policy = check.choice("store_policy", store_policy, STORE_POLICIES)
+        self.store_shard_size = check.integer("store_shard_size", store_shard_size, low=1)
+        if self.store_policy == "read" and self.cache_dir is None:
+            raise ValueError("store_policy='read' serves samples from the sample store under cache_dir: pass "
+                             "cache_dir (the folder given to the run or `python -m onlineaug generate` that made it)")
         known = getattr(dataset, "classes", None)
         if isinstance(known, (list, tuple)) and len(known) != num_classes:
             raise ValueError(f"num_classes={num_classes} but the dataset has {len(known)} classes "
@@ -335,7 +353,8 @@ class OnlineGenAugLoader:
             check_shm_capacity(probe.data_bytes + probe.control_bytes, num_slots=self.pool_size,
                                slot_bytes=probe.slot_bytes)
             for role, spec in self.specs.items():  # fail now, not in a producer, if weights are missing
-                ensure_available(role, self.roles[role], spec, dataset=dataset)
+                if not self._reads_store_only:  # (offline training needs no weights)
+                    ensure_available(role, self.roles[role], spec, dataset=dataset)
             try:
                 self._dataset_bytes = pickle.dumps(dataset)
             except Exception as error:  # noqa: BLE001 - any pickling failure means the same thing
@@ -345,6 +364,16 @@ class OnlineGenAugLoader:
                 fmt = self.item_format
                 self._labels = dataset_labels(dataset, self.num_classes, progress=self.progress,
                                               label_of=lambda data, index: load_label(data, index, num_classes, fmt))
+        self.store_dir, self._store_manifest = self._store_location()
+        if self._reads_store_only and not self.generative:
+            raise ValueError(f"store_policy='read' serves stored generated samples, but recipe {self.recipe.name!r} "
+                             f"generates nothing; leave store_policy at its default")
+        if self._reads_store_only and not SampleStore(self.store_dir, {}).shards():
+            raise FileNotFoundError(
+                f"store_policy='read' but the sample store for these settings ({self.store_dir}) holds no complete "
+                f"shard: generate samples first (`python -m onlineaug generate --out {self.cache_dir} ...`, or a run "
+                f"with store_policy='readwrite'), with the same recipe, recipe_options, models, image_size, resize "
+                f"and dataset (any of them changes the store's key)")
 
         pin = self.device.type == "cuda" if pin_memory is None else check.boolean("pin_memory", pin_memory)
         self._item_sampler = EpochTaggedSampler(sampler)  # each index reaches its worker with the epoch
@@ -387,9 +416,23 @@ class OnlineGenAugLoader:
         self._finalizer = weakref.finalize(self, self._resources.release)
         self._counts = {"batches": 0, "real": 0, "generated": 0, "fresh": 0, "reused": 0, "misses": 0}
         self._last_pool_stats: dict | None = None
+        self._store_loaded = 0  # samples the warm start loaded from the sample store
         self._sources_fingerprint: str | None = None
         self._assembler = BatchAssembler(self.recipe, None, device=self.device, image_size=self.image_size,
                                          batch_size=self.batch_size, p_aug=self.p_aug, ring_size=self.prefetch + 2)
+
+    @property
+    def _reads_store_only(self) -> bool:
+        return self.store_policy == "read" and self.cache_dir is not None
+
+    def _store_location(self) -> tuple[str | None, dict | None]:
+        """The sample store's folder for this loader's settings, and its manifest (None, None: no store)."""
+        if not self.generative or self.cache_dir is None:
+            return None, None
+        key, manifest = store_key(recipe=self.recipe, roles=self.roles, specs=self.specs, image_size=self.image_size,
+                                  fields=self.recipe.pool_fields(self.image_size), resize=self.item_format.resize,
+                                  dataset_fingerprint=fingerprint_bytes(self._dataset_bytes))
+        return store_path(self.cache_dir, self.recipe.name, key), manifest
 
     def _generator_devices(self, spec, allow_shared: bool) -> list[str]:
         """This rank's generator devices from ``generator_devices`` (see :func:`assign_generator_devices`),
@@ -444,10 +487,23 @@ class OnlineGenAugLoader:
             recipe = self.recipe
             resources.pool = SamplePool.create(
                 recipe.pool_fields(self.image_size), num_slots=self.pool_size,
-                num_producers=len(self.generator_devices), max_reuse=self.max_reuse,
+                num_producers=1 if self._reads_store_only else len(self.generator_devices), max_reuse=self.max_reuse,
                 counter_names=counter_names(recipe), backpressure=recipe.serve_match is None)
             resources.sources = SharedSources.create(len(self.dataset))
             sources = self._publish_sources()
+            if self.store_dir is not None:
+                store = SampleStore.open(self.store_dir, self._store_manifest, create=self.store_policy != "read")
+                if self._reads_store_only:  # offline training: the store is the only producer
+                    resources.feeder = StoreFeeder(store, resources.pool, lambda: self._assembler.allowed,
+                                                   max_reuse=self.max_reuse, seed=derive_seed(self.seed, "store",
+                                                                                              self.rank))
+                    resources.feeder.fill()  # before the first batch: a full pool from the start
+                    resources.feeder.start()
+                    self._assembler.pool = resources.pool
+                    return self
+                if self.store_policy == "readwrite":
+                    self._store_loaded += _warm_start(resources.pool, store, self._assembler.allowed,
+                                                      derive_seed(self.seed, "store", self.rank))
             resources.report_dir = make_report_dir()
             settings = self._producer_settings(sources, resources.report_dir)
             threads = producer_threads(_cpu_count(), self._layout.local_world_size,
@@ -473,6 +529,9 @@ class OnlineGenAugLoader:
             image_size=self.image_size, batch_size=self.generator_batch_size, seed=self.seed,
             trainer_rank=self.rank, roles=self.roles, specs=self.specs, policy=self.policy,
             pool_fields=self.recipe.pool_fields(self.image_size), labels=self._labels, item_format=self.item_format)
+        if self.store_dir is not None and self.store_policy in ("write", "readwrite"):
+            settings.store_dir, settings.store_shard_size = self.store_dir, self.store_shard_size
+            settings.store_run = len(SampleStore(self.store_dir, {}).shards())
         key = prepare_cache_key(settings, fingerprint_bytes(self._dataset_bytes), sources)
         if key is not None:
             settings.prepared_path = os.path.join(report_dir, "prepared.pt")
@@ -529,7 +588,7 @@ class OnlineGenAugLoader:
             bar = tqdm(total=count, desc=f"warmup: generating with {self.generator}", unit="img", leave=False)
         try:
             while (ready := self.pool.ready_count(self._assembler.allowed)) < count:
-                self.producers.poll()
+                self._check_running()
                 if bar is not None and ready != bar.n:
                     bar.n = ready
                     bar.refresh()
@@ -637,6 +696,9 @@ class OnlineGenAugLoader:
             raise RuntimeError("this loader was closed while iterating over it")
         if self.producers is not None:
             self.producers.poll(min_interval_s=0.2)
+        feeder = self._resources.feeder
+        if feeder is not None and feeder.error is not None:
+            raise RuntimeError(f"reading the sample store {self.store_dir} failed: {feeder.error}") from feeder.error
 
     # ----------------------------------------------------------------------------------------- stats
     def _pool_stats(self) -> dict:
@@ -649,6 +711,7 @@ class OnlineGenAugLoader:
                 "produced": produced, "torn_reads": pool.torn, "rejected": rejected,
                 "producer_restarts": producers.restarts if producers else 0,
                 "producer_hangs": producers.hangs if producers else 0,
+                "from_store": self._store_loaded + (self._resources.feeder.loaded if self._resources.feeder else 0),
                 "gen_images_per_s": produced / elapsed if elapsed > 0 else 0.0}
 
     def stats(self, reduce: bool = False) -> dict:
@@ -670,7 +733,8 @@ class OnlineGenAugLoader:
             counts.update(self._last_pool_stats, pool_ready=0)
         else:
             counts.update(pool_ready=0, pool_size=self.pool_size if self.generative else 0, produced=0,
-                          torn_reads=0, rejected={}, producer_restarts=0, producer_hangs=0, gen_images_per_s=0.0)
+                          torn_reads=0, rejected={}, producer_restarts=0, producer_hangs=0, gen_images_per_s=0.0,
+                          from_store=0)
         return counts
 
 
@@ -688,6 +752,18 @@ def _summed_over_ranks(counts: dict) -> dict:
     served = out["real"] + out["generated"]
     out["generated_share"] = out["generated"] / served if served else 0.0
     return out
+
+
+def _warm_start(pool: SamplePool, store: SampleStore, allowed, seed: int) -> int:
+    """Fill the pool's slots from the store (before any producer runs: the trainer may write every slot) with
+    samples whose source the sampler allows; returns how many."""
+    import numpy as np
+
+    rows = store.load(pool.spec.num_slots, allowed, np.random.default_rng(seed))
+    count = len(rows["index"])
+    for slot in range(count):
+        pool.write(slot, {name: values[slot] for name, values in rows.items()})
+    return count
 
 
 def _cpu_count() -> int:

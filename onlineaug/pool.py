@@ -263,6 +263,7 @@ class SamplePool:
             view = raw[:, offset:offset + field.nbytes].view(np.dtype(field.dtype))
             self.fields[name] = view.reshape((n, *field.shape))
         self.torn = 0  # reads discarded because a write overlapped them
+        self.overwritten_uses = 0  # serves of the write the last successful write() replaced
         if owner:
             self._finalizer = weakref.finalize(self, _release, data, control, True)
         else:
@@ -371,10 +372,12 @@ class SamplePool:
         order = np.lexsort((self.written_ns[slots], -uses, ~exhausted, ~unusable))
         return slots[order[:count]]
 
-    def write(self, slot: int, payload: Mapping[str, np.ndarray]) -> bool:
+    def write(self, slot: int, payload: Mapping[str, np.ndarray], *, served: int = 0) -> bool:
         """Write one sample into ``slot`` (which must belong to the calling producer).
 
         ``payload`` holds exactly the pool's fields, each of its declared shape and dtype: nothing is cast.
+        ``served``: serves this sample already had in this run (a stored sample loaded again, so that
+        ``max_reuse`` counts across the run).
         Returns False, writing nothing, when the trainer leased the slot since it was chosen: choose again.
         """
         missing = set(self.fields) - set(payload)
@@ -403,9 +406,14 @@ class SamplePool:
             # lease before checking ``seq``, sees either the old even value or this odd one and backs off).
             self.seq[slot] = start
             return False
+        # serves of the write being replaced (no read can begin now that seq is odd), for StoreFeeder's counts
+        self.overwritten_uses = int(self.uses[slot]) if self.uses_seq[slot] == start and start % 2 == 0 else 0
         for name, target in self.fields.items():
             target[slot] = values[name]
         self.written_ns[slot] = time.monotonic_ns()
+        if served:  # before the slot is ready: no reader counts serves of this write yet
+            self.uses[slot] = served
+            self.uses_seq[slot] = writing + 1
         self.seq[slot] = writing + 1  # even and larger than before: ready
         return True
 
@@ -485,18 +493,18 @@ class SamplePool:
                 return None
             for name, target in out.items():
                 np.copyto(target, self.fields[name][slot])
-            torn = self.seq[slot] != seq
+            if self.seq[slot] != seq:
+                self.torn += 1
+                return None
+            uses = int(self.uses[slot]) if self.uses_seq[slot] == seq else 0
+            if uses >= self.spec.max_reuse:  # only reachable if a caller reads a slot twice without acquire
+                return None
+            # counted while the lease still holds the slot: a producer that overwrites it next sees this serve
+            self.uses[slot] = uses + 1
+            self.uses_seq[slot] = seq
+            return uses
         finally:
             self.lease[slot] = 0
-        if torn:
-            self.torn += 1
-            return None
-        uses = int(self.uses[slot]) if self.uses_seq[slot] == seq else 0
-        if uses >= self.spec.max_reuse:  # only reachable if a caller reads a slot twice without acquire
-            return None
-        self.uses[slot] = uses + 1
-        self.uses_seq[slot] = seq
-        return uses
 
 
 def _release(data: shared_memory.SharedMemory, control: shared_memory.SharedMemory, unlink: bool) -> None:

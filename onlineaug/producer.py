@@ -62,6 +62,9 @@ class ProducerSettings:
     prepare_cache_path: str | None = None  # the on-disk cache file for it (None: no cache)
     item_format: ItemFormat = dataclasses.field(default_factory=ItemFormat)  # dict keys, crop geometry
     index_cache_dir: str | None = None  # the folder for the recipe's per-index results (None: no disk cache)
+    store_dir: str | None = None  # the sample store's folder producers append to (None: no store, onlineaug.store)
+    store_shard_size: int = 64  # samples per store shard
+    store_run: int = 0  # complete shards in the store when the run started (seeds: no run repeats another's)
 
 
 def reject_reasons(recipe: Recipe) -> tuple[str, ...]:
@@ -118,6 +121,8 @@ class Producer:
         for model in self.models.values():
             _beat_on_forward(model, beat)
         role = f"trainer{settings.trainer_rank}/producer"  # streams differ by trainer, producer rank and restart
+        if settings.store_dir is not None:  # and by the store's size: a later run adds new samples, not copies
+            role += f"/store{settings.store_run}"
         self.context = ProducerContext(
             device=self.device, rank=rank, trainer_rank=settings.trainer_rank, num_classes=settings.num_classes,
             class_names=settings.class_names, image_size=settings.image_size, sources=sources,

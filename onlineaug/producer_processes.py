@@ -151,6 +151,11 @@ def _produce_forever(settings, shared: Shared, rank: int, device: str, generatio
         pool.started_ns[rank] = time.monotonic_ns()
     owned = len(pool.slots_of(rank))
     written_counts = collections.Counter()
+    store = None
+    if settings.store_dir is not None:  # written here, in the producer, never on the training thread
+        from onlineaug.store import ShardWriter
+
+        store = ShardWriter(settings.store_dir, settings.pool_fields, settings.store_shard_size)
     while True:
         if table.version != version and (update := table.read()) is not None:
             version, indices, weights = update
@@ -161,6 +166,8 @@ def _produce_forever(settings, shared: Shared, rank: int, device: str, generatio
         start = time.monotonic_ns()
         rows = producer.step()
         written = _write_rows(pool, rank, rows, beat)
+        if store is not None:
+            store.append(rows)
         pool.produced[rank] += written
         pool.counters["steps"][rank] += 1
         for name, total in producer.counts.items():  # counters are shared across restarts: add the deltas
