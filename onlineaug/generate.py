@@ -129,7 +129,11 @@ def _option(text: str) -> tuple[str, object]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n")[0]
-    parser.add_argument("--recipe", required=True, help="a generating recipe (onlineaug.recipes.available_recipes())")
+    from onlineaug.images import RESIZE_MODES
+    from onlineaug.recipes import available_recipes, get_recipe
+
+    generating = [name for name in available_recipes() if get_recipe(name).generative]
+    parser.add_argument("--recipe", required=True, choices=generating, help="a recipe that generates")
     parser.add_argument("--dataset", required=True, help="an ImageFolder path, or module:attr (a dataset or a "
                                                          "callable returning one)")
     parser.add_argument("--out", required=True, help="the cache_dir the training loader will be given")
@@ -137,15 +141,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", nargs="+", default=["cpu"], help="generator devices, e.g. cuda:0 cuda:1")
     parser.add_argument("--num-classes", type=int, default=None, help="default: len(dataset.classes)")
     parser.add_argument("--image-size", type=int, default=224, help="the training loader's image_size")
-    parser.add_argument("--resize", default="random_resized_crop", help="the training loader's resize")
+    parser.add_argument("--resize", default="random_resized_crop", choices=list(RESIZE_MODES),
+                        help="the training loader's resize")
     parser.add_argument("--generator", default="tiny", help="the recipe's main model (as the loader's generator=)")
-    parser.add_argument("--generation-size", type=int, default=None)
+    parser.add_argument("--generation-size", type=int, default=None,
+                        help="generation size (default: the training size for the tiny generator, else the recipe's)")
     parser.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe option (recipe_options), repeatable; values are JSON")
     parser.add_argument("--batch-size", type=int, default=4, help="source images per pipeline call")
     parser.add_argument("--shard-size", type=int, default=64, help="samples per shard")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the producers' draws")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_generate(args) -> dict:
