@@ -233,7 +233,8 @@ def applied_policy(pipe) -> dict:
     compiled = (lambda m: dynamo is not None and isinstance(m, dynamo.eval_frame.OptimizedModule))
     unet = eager_module(pipe.unet)
     weight = next((p for p in unet.parameters() if p.dim() == 4), None)
-    processors = {type(p).__name__ for p in unet.attn_processors.values()} if hasattr(unet, "attn_processors") else set()
+    processors = ({type(p).__name__ for p in unet.attn_processors.values()} if hasattr(unet, "attn_processors")
+                  else set())
     vae = getattr(pipe, "vae", None)
     return {
         "dtype": str(unet.dtype).replace("torch.", ""),
@@ -594,7 +595,8 @@ def _benchmark(settings: dict, progress: bool) -> dict:
     return {
         "benchmark": "producer_loop", **env, "settings": settings,
         "recipe": recipe.describe(), "pipeline_kind": kind,
-        "weights": {"spec": settings["generator"], "random": random_weights, "label": weights_label(settings["generator"])},
+        "weights": {"spec": settings["generator"], "random": random_weights,
+                    "label": weights_label(settings["generator"])},
         "policy_requested": requested, "policy_applied": applied, "load_seconds": load_seconds,
         "flops": {**flops, "source": flops_source},
         "peak_flops": peak, "peak_source": peak_source,
