@@ -24,14 +24,6 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -m "not slow" --timeout=300
 
-bench: $(STAMP)
-	$(PY) benchmarks/kernels.py --quick
-	$(PY) benchmarks/generator.py --quick
-	$(PY) benchmarks/producer_loop.py --quick
-	$(PY) benchmarks/overhead.py --quick
-	$(PY) -m onlineaug plan --measure --quick
-	$(PY) benchmarks/overhead.py --host-only
-
 # Every GPU figure in one command (about 8 minutes on one H100/H200; benchmarks/README.md). No venv is built
 # for it: the GPU machine has no package registry, so it runs with .venv's python if there is one, else python3.
 BENCH_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
@@ -41,6 +33,14 @@ bench-gpu:
 
 bench-gpu-dry:
 	$(BENCH_PY) benchmarks/gpu_suite.py --dry-run
+
+bench: $(STAMP)
+	$(PY) benchmarks/kernels.py --quick
+	$(PY) benchmarks/generator.py --quick
+	$(PY) benchmarks/producer_loop.py --quick
+	$(PY) benchmarks/overhead.py --host-only
+	$(PY) benchmarks/overhead.py --quick
+	$(PY) -m onlineaug plan --measure --quick
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -41,7 +41,6 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 import torch
 
 from benchmarks import common
-from benchmarks.profiling import ModuleClock, unet_flops_per_latent
 from onlineaug.generators.tasks import TASKS
 from onlineaug.tables import text_table
 
@@ -257,7 +256,7 @@ def ours_call(pipe, settings: dict, images: torch.Tensor, generator: torch.Gener
         return {name: value.cpu() for name, value in payload.items()}
 
 
-def unet_work(clock: ModuleClock, calls: int, images: int, flops_per_latent: float) -> dict:
+def unet_work(clock, calls: int, images: int, flops_per_latent: float) -> dict:
     """What the UNet ran over ``calls`` pipeline calls of ``images`` images in all, from the module clock: forwards
     per call, latent copies per image per forward (classifier-free guidance) and FLOPs per image."""
     forwards, latents = clock.calls["unet"], clock.latents["unet"]
@@ -292,6 +291,7 @@ def benchmark(args: argparse.Namespace, *, progress: bool = True) -> dict:
 
 
 def _benchmark(settings: dict, progress: bool) -> dict:
+    from benchmarks.profiling import ModuleClock, unet_flops_per_latent
     from onlineaug.generators import describe
 
     device = torch.device(settings["device"])
