@@ -74,11 +74,11 @@ PREFLIGHT = (  # versions without importing the heavy packages (find_spec + meta
 )
 
 STEPS = (
-    Step("preflight", "device, versions, packages", "-c", (PREFLIGHT,), (PREFLIGHT,), 40),
+    Step("preflight", "device, versions, packages", "-c", (PREFLIGHT,), (PREFLIGHT,), 20),
     Step("kernels", "batch-time kernels at B=256, 224 px: GB/s, % of HBM peak vs eager and torch.compile",
          "kernels.py", ("--device", "cuda", "--batch-sizes", "256", "--size", "224", "--reps", "20"),
          ("--device", "cpu", "--batch-sizes", "2", "--size", "32", "--reps", "1", "--no-compile",
-          "--ops", "concat_blend", "cutmix"), 60),
+          "--ops", "concat_blend", "cutmix"), 80),
     Step("producer-ip2p", "GenMix producer loop (InstructPix2Pix 512 px, 20 steps, full-random, fp16 + compile), "
          "batch 8 and 16 vs the papers' diffusers call; UNet MFU; stages",
          "producer_loop.py", ("--device", "cuda", "--recipe", "genmix", "--generator", "full-random", "--size", "512",
@@ -236,7 +236,9 @@ def main(argv=None) -> int:
                             "budget_s": step.budget_s, "command": command})
             print(f"  {step.name}: skipped (suite budget spent)")
             continue
-        timeout = None if args.dry_run else min(step.budget_s, remaining)
+        # a step may use its budget plus what the steps before it left unused, never the later steps' budgets
+        later = sum(s.budget_s for s in chosen[chosen.index(step) + 1:])
+        timeout = None if args.dry_run else max(min(step.budget_s, remaining), remaining - later)
         results.append(run_step(step, command, env=env, out=out, timeout=timeout, log=print))
         if step.name == "preflight" and results[-1]["status"] == "ok":
             lines = Path(results[-1]["log"]).read_text(encoding="utf-8").splitlines()
