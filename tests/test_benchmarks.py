@@ -234,6 +234,7 @@ def test_kernels_benchmark_smoke(tmp_path, device):
 
 
 # ------------------------------------------------------------------------------------------ make bench-gpu
+@pytest.mark.filterwarnings("ignore:torch.compile on CPU")
 def test_gpu_suite_plan_fits_the_budget_and_its_arguments_parse(tmp_path):
     from benchmarks import gpu_suite, overhead, producer_loop
 
