@@ -706,15 +706,16 @@ def plot(result: dict, path: Path) -> Path:
     bottom = np.zeros(len(loops))
     parts = [("unet", "UNet"), ("vae_decoder", "VAE decoder"), ("vae_encoder", "VAE encoder"),
              ("text_encoder", "text encoder"), ("pipeline rest", "pipeline: rest")]
-    for key, label in parts:
+    colors = iter(plt.get_cmap("tab20").colors)
+    for key, label in parts:  # inside the pipeline call
         values = np.array([r["module_seconds"].get(key, 0) / max(r["jobs"], 1) * 1e3 for r in loops])
-        ax.bar(xs, values, bottom=bottom, label=label)
+        ax.bar(xs, values, bottom=bottom, label=label, color=next(colors))
         bottom += values
-    for name in STAGES[:2] + STAGES[2:3] + STAGES[4:] + ("other",):
+    for name in (*STAGES, "other"):  # the rest of the loop
         if name == "pipeline":
             continue
         values = np.array([r["stage_seconds"].get(name, 0) / max(r["jobs"], 1) * 1e3 for r in loops])
-        ax.bar(xs, values, bottom=bottom, label=name)
+        ax.bar(xs, values, bottom=bottom, label=name, color=next(colors))
         bottom += values
     if result["baseline"]:
         ax.axhline(1e3 / result["baseline"]["images_per_s"], color="gray", ls="--",
