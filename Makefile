@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-gpu bench-gpu-dry clean
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,21 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -m "not slow" --timeout=300
 
+# Every GPU figure in one command (about 8 minutes on one H100/H200; benchmarks/README.md). No venv is built
+# for it: the GPU machine has no package registry, so it runs with .venv's python if there is one, else python3.
+BENCH_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+
+bench-gpu:
+	$(BENCH_PY) benchmarks/gpu_suite.py $(if $(DRY_RUN),--dry-run,)
+
+bench-gpu-dry:
+	$(BENCH_PY) benchmarks/gpu_suite.py --dry-run
+
 bench: $(STAMP)
 	$(PY) benchmarks/kernels.py --quick
 	$(PY) benchmarks/generator.py --quick
+	$(PY) benchmarks/producer_loop.py --quick
+	$(PY) benchmarks/overhead.py --host-only
 	$(PY) benchmarks/overhead.py --quick
 	$(PY) -m onlineaug plan --measure --quick --results-md benchmarks/RESULTS.md
 

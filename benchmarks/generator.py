@@ -13,10 +13,11 @@ For one generator task at one size, step count and guidance, in one run:
   graphs) / ``max-autotune`` try more.
 
 Reported per row: images/s, images per GPU-hour, speedup over the baseline, and the UNet's model FLOPs
-utilisation: the UNet FLOPs the pipeline really runs per image (counted with
-``torch.utils.flop_counter.FlopCounterMode`` around every UNet forward of one eager call at that batch size,
-so classifier-free guidance's 2x/3x UNet batch and img2img's shortened schedule are included) times
-images/s, over the device's dense fp16/bf16 peak (``common.PEAK_DENSE_FP16_FLOPS``).
+utilisation: the UNet FLOPs per latent, counted once with ``torch.utils.flop_counter.FlopCounterMode`` on the
+first UNet forward of one eager call (:func:`benchmarks.profiling.unet_flops_per_latent`), times the latents the
+UNet is fed in each timed window (so classifier-free guidance's 2x/3x UNet batch and img2img's shortened schedule
+are included, as run), over the seconds and the device's dense fp16/bf16 peak (``common.PEAK_DENSE_FP16_FLOPS``).
+The whole producer loop (decode, resizes, copies, pool write) is ``benchmarks/producer_loop.py``.
 
 Weights: a local folder or hub id if given; otherwise ``full-random`` on CUDA, the released SD 1.5 /
 InstructPix2Pix architectures (UNet ~860M, VAE ~84M, CLIP ViT-L/14 text encoder ~123M) with random weights:
@@ -253,63 +254,13 @@ def ours_call(pipe, settings: dict, images: torch.Tensor, generator: torch.Gener
         return {name: value.cpu() for name, value in payload.items()}
 
 
-class UNetFlopCounter:
-    """Counts the FLOPs of every forward of ``unet`` (an eager module) while active.
-
-    Each forward runs under its own ``FlopCounterMode``, entered by a forward pre-hook and left by a forward
-    hook, so only the UNet is counted, at the shapes the pipeline really feeds it.
-    """
-
-    def __init__(self, unet: torch.nn.Module):
-        self.unet = unet
-        self.forwards, self.flops, self.unet_batch = 0, 0, None
-        self._modes, self._handles = [], []
-
-    def _pre(self, module, args, kwargs):
-        from torch.utils.flop_counter import FlopCounterMode
-
-        sample = args[0] if args else kwargs["sample"]
-        self.unet_batch = int(sample.shape[0])
-        mode = FlopCounterMode(display=False)
-        mode.__enter__()
-        self._modes.append(mode)
-
-    def _post(self, module, args, kwargs, output):
-        mode = self._modes.pop()
-        mode.__exit__(None, None, None)
-        self.forwards += 1
-        self.flops += mode.get_total_flops()
-
-    def __enter__(self) -> "UNetFlopCounter":
-        self._handles = [self.unet.register_forward_pre_hook(self._pre, with_kwargs=True),
-                         self.unet.register_forward_hook(self._post, with_kwargs=True)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        while self._modes:  # an exception inside a forward
-            self._modes.pop().__exit__(None, None, None)
-
-
-def count_unet_flops(pipe, settings: dict, images: torch.Tensor) -> dict:
-    """UNet FLOPs of one batched call (``images.shape[0]`` images) on an eager pipeline."""
-    unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
-    generator = torch.Generator(images.device).manual_seed(settings["seed"])
-    with UNetFlopCounter(unet) as counter:
-        if pipe.unet is not unet:
-            compiled, pipe.unet = pipe.unet, unet
-        else:
-            compiled = None
-        try:
-            ours_call(pipe, settings, images, generator)
-        finally:
-            if compiled is not None:
-                pipe.unet = compiled
-    count = images.shape[0]
-    return {"unet_forwards_per_call": counter.forwards, "unet_batch": counter.unet_batch,
-            "unet_batch_per_image": counter.unet_batch / count if counter.unet_batch else None,
-            "unet_flops_per_image": counter.flops / count}
+def unet_work(clock, calls: int, images: int, flops_per_latent: float) -> dict:
+    """What the UNet ran over ``calls`` pipeline calls of ``images`` images in all, from the module clock: forwards
+    per call, latent copies per image per forward (classifier-free guidance) and FLOPs per image."""
+    forwards, latents = clock.calls["unet"], clock.latents["unet"]
+    return {"unet_forwards_per_call": forwards / calls, "unet_batch": latents // forwards if forwards else None,
+            "unet_batch_per_image": latents * calls / (forwards * images) if forwards else None,
+            "unet_flops_per_image": flops_per_latent * latents / images}
 
 
 # ------------------------------------------------------------------------------------------------- measure
@@ -338,12 +289,12 @@ def benchmark(args: argparse.Namespace, *, progress: bool = True) -> dict:
 
 
 def _benchmark(settings: dict, progress: bool) -> dict:
+    from benchmarks.profiling import ModuleClock, unet_flops_per_latent
     from onlineaug.generators import describe
 
     device = torch.device(settings["device"])
     if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
+        torch.cuda.set_device(device)  # cudnn.benchmark: as the producers' load policy sets it, not here
     env = common.environment(device)
     dtype = DTYPES[settings["dtype"]]
     if settings["peak_tflops"]:
@@ -369,23 +320,17 @@ def _benchmark(settings: dict, progress: bool) -> dict:
             baseline_call(baseline_pipe, settings, pil[i % len(pil)], i)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        with common.Timer(device) as timer:
+        # UNet FLOPs per latent, counted once on the first UNet forward of one eager call, then scaled by the
+        # latents the UNet is fed in each timed window (guidance copies and the schedule run included)
+        per_latent = unet_flops_per_latent(
+            baseline_pipe, lambda: baseline_call(baseline_pipe, settings, pil[0], 0))["unet_flops_per_latent"]
+        with ModuleClock({"unet": baseline_pipe.unet}, device) as clock, common.Timer(device) as timer:
             for i in range(settings["baseline_images"]):
                 baseline_call(baseline_pipe, settings, pil[i % len(pil)], i)
-    flops = {1: count_unet_flops(baseline_pipe, settings, images[:1])}
-    baseline = {**_row("baseline", 1, settings["baseline_images"], timer, flops[1]["unet_flops_per_image"], peak,
-                       None), **flops[1], "peak_memory_gib": _memory(device), "first_call_seconds": None}
+    work = unet_work(clock, settings["baseline_images"], settings["baseline_images"], per_latent)
+    baseline = {**_row("baseline", 1, settings["baseline_images"], timer, work["unet_flops_per_image"], peak,
+                       None), **work, "peak_memory_gib": _memory(device), "first_call_seconds": None}
     log(f"  baseline (1 image/call, eager {settings['baseline_dtype']}): {baseline['images_per_s']:.3g} images/s")
-    # UNet FLOPs of each batch size, counted on the eager pipeline (the compiled one runs the same graph)
-    for batch_size in settings["batch_sizes"]:
-        if batch_size not in flops:
-            try:
-                flops[batch_size] = count_unet_flops(baseline_pipe, settings, images[:batch_size])
-            except torch.cuda.OutOfMemoryError:
-                flops[batch_size] = {"unet_flops_per_image": flops[1]["unet_flops_per_image"],
-                                     "unet_forwards_per_call": flops[1]["unet_forwards_per_call"],
-                                     "unet_batch": None, "unet_batch_per_image": flops[1]["unet_batch_per_image"]}
-                torch.cuda.empty_cache()
     del baseline_pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -404,7 +349,7 @@ def _benchmark(settings: dict, progress: bool) -> dict:
                 with common.Timer(device) as warm:
                     ours_call(pipe, settings, batch, generator)
                 first = warm.seconds if first is None else first
-            with common.Timer(device) as timer:
+            with ModuleClock({"unet": pipe.unet}, device) as clock, common.Timer(device) as timer:
                 for _ in range(settings["repeats"]):
                     ours_call(pipe, settings, batch, generator)
         except torch.cuda.OutOfMemoryError as error:
@@ -412,9 +357,10 @@ def _benchmark(settings: dict, progress: bool) -> dict:
             ours.append({"provider": "ours", "batch_size": batch_size, "error": f"out of memory: {error}"[:300]})
             log(f"  ours batch {batch_size}: out of memory")
             continue
-        row = _row("ours", batch_size, batch_size * settings["repeats"], timer,
-                   flops[batch_size]["unet_flops_per_image"], peak, baseline["images_per_s"])
-        row.update(flops[batch_size], peak_memory_gib=_memory(device), first_call_seconds=first)
+        work = unet_work(clock, settings["repeats"], batch_size * settings["repeats"], per_latent)
+        row = _row("ours", batch_size, batch_size * settings["repeats"], timer, work["unet_flops_per_image"], peak,
+                   baseline["images_per_s"])
+        row.update(work, peak_memory_gib=_memory(device), first_call_seconds=first)
         ours.append(row)
         mfu = f", UNet MFU {row['mfu'] * 100:.1f}%" if row["mfu"] is not None else ""
         log(f"  ours batch {batch_size}: {row['images_per_s']:.3g} images/s "

@@ -25,6 +25,7 @@ serves, pool misses and producer output over the timed windows.
 
     python benchmarks/overhead.py --quick                      # CPU smoke test (small CNN, tiny generator)
     python benchmarks/overhead.py --device cuda:0 --generator-device cuda:1     # ResNet-50, batch 256, AMP
+    python benchmarks/overhead.py --host-only        # the loader's host work per batch vs a plain DataLoader (CPU)
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from benchmarks import common
 from onlineaug.tables import text_table
 
 ONLINE_RECIPES = ("genmix", "diffusemix", "cutmix", "mixup", "none")
+DEFAULT_RECIPES = ["genmix", "diffusemix", "cutmix", "mixup"]
 BASELINES = ("tv-cutmix", "tv-mixup", "timm-cutmix", "timm-mixup")
 BASELINE_NAMES = {"tv-cutmix": "torchvision CutMix", "tv-mixup": "torchvision MixUp",
                   "timm-cutmix": "timm Mixup (cutmix)", "timm-mixup": "timm Mixup (mixup)"}
@@ -115,7 +117,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--amp", dest="amp", action="store_true", default=None, help="autocast (default on CUDA)")
     parser.add_argument("--no-amp", dest="amp", action="store_false")
     parser.add_argument("--amp-dtype", choices=("bf16", "fp16"), default="bf16")
-    parser.add_argument("--recipes", nargs="*", default=["genmix", "diffusemix", "cutmix", "mixup"],
+    parser.add_argument("--recipes", nargs="*", default=list(DEFAULT_RECIPES),
                         choices=ONLINE_RECIPES, help="onlineaug recipes to run")
     parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES,
                         help="torchvision / timm baselines to run")
@@ -145,6 +147,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help="torch intra-op threads on a CPU trainer (default: 1 with --quick, torch's otherwise)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="CPU smoke settings (small CNN, tiny generator)")
+    parser.add_argument("--host-only", action="store_true",
+                        help="time the loader's host work per batch on the CPU device (no training) against a plain "
+                             "DataLoader, interleaved (benchmarks/host_overhead.py; default recipes none cutmix "
+                             "mixup genmix, baselines tv-cutmix tv-mixup, batch 64, 64 px, one thread)")
+    parser.add_argument("--runs", type=int, default=None, help="--host-only: interleaved runs (default 2)")
+    parser.add_argument("--batches", type=int, default=None, help="--host-only: timed batches per run (default 5)")
     parser.add_argument("--out", default=str(common.RESULTS_DIR), help="folder for the JSON and the PNG")
     parser.add_argument("--results-md", default=str(common.RESULTS_MD),
                         help='RESULTS.md to append to ("" to skip)')
@@ -461,6 +469,10 @@ def combine_runs(runs: list[dict], settings: dict) -> dict:
 # ----------------------------------------------------------------------------------------------- measure
 def benchmark(args: argparse.Namespace, *, progress: bool = True) -> dict:
     """Run every provider on the same loop; return the result (nothing written). ``args`` from :func:`build_parser`."""
+    if args.host_only:
+        from benchmarks import host_overhead
+
+        return host_overhead.benchmark(args, progress=progress)
     settings = resolve_settings(args)
     with common.torch_threads(settings["threads"]):
         return _benchmark(settings, progress)
@@ -630,6 +642,10 @@ def plot(result: dict, path: Path) -> Path:
 
 def report(result: dict, out_dir: str | Path | None, results_md: str | Path | None) -> dict:
     """Write ``overhead.json`` and ``overhead.png`` into ``out_dir`` and append a block to ``results_md``."""
+    if result["benchmark"] == "host_overhead":
+        from benchmarks import host_overhead
+
+        return host_overhead.report(result, out_dir, results_md)
     paths = {}
     if out_dir:
         out_dir = Path(out_dir)
@@ -646,6 +662,10 @@ def report(result: dict, out_dir: str | Path | None, results_md: str | Path | No
 
 
 def print_summary(result: dict) -> None:
+    if result["benchmark"] == "host_overhead":
+        from benchmarks import host_overhead
+
+        return host_overhead.print_summary(result)
     s = result["settings"]
     print()
     print(f"overhead benchmark: {s['model']}, batch {s['batch_size']}, {s['image_size']} px, {s['steps']} timed steps "

@@ -59,7 +59,8 @@ _BACKENDS = ("auto", "triton", "torch")
 ONLY_MISSES_BATCHES = 20
 # Loader arguments that only matter to recipes that generate, with their defaults (for the "ignored" log line).
 _GENERATION_ARGUMENTS = {"generator": "tiny", "models": None, "generation_size": None, "warmup": 0,
-                         "generator_batch_size": 4, "compile_unet": False, "generator_devices": ("cpu",)}
+                         "generator_batch_size": 4, "compile_unet": False, "load_policy": None,
+                         "generator_devices": ("cpu",)}
 
 
 class _Resources:
@@ -112,13 +113,20 @@ def _checked_triple(name: str, values, *, positive: bool = False) -> tuple[float
                  for i, v in enumerate(values))
 
 
-def _checked_policy(compile_unet) -> LoadPolicy:
+def _checked_policy(compile_unet, load_policy) -> LoadPolicy:
     from onlineaug.models.spec import COMPILE_MODES
 
     if not isinstance(compile_unet, (bool, str)) or compile_unet not in COMPILE_MODES:
         _CHECK._fail(TypeError if not isinstance(compile_unet, (bool, str)) else ValueError, "compile_unet",
                      compile_unet, f"one of {list(COMPILE_MODES)} (True is torch.compile's default mode)")
-    return LoadPolicy(compile=compile_unet)
+    if load_policy is None:
+        return LoadPolicy(compile=compile_unet)
+    if not isinstance(load_policy, LoadPolicy):
+        _CHECK._fail(TypeError, "load_policy", load_policy, "an onlineaug.models.LoadPolicy or None")
+    if compile_unet is not False and compile_unet != load_policy.compile:
+        raise ValueError(f"compile_unet={compile_unet!r} disagrees with load_policy.compile={load_policy.compile!r}; "
+                         f"with load_policy, set compile there (LoadPolicy(compile=...)) and leave compile_unet out")
+    return load_policy
 
 
 def _checked_devices(value) -> list[str]:
@@ -183,6 +191,8 @@ class OnlineGenAugLoader:
         generator_batch_size: source images per pipeline call in each producer.
         compile_unet: ``torch.compile`` the denoiser in producers: False, True, or a mode ("max-autotune",
             "reduce-overhead", ...).
+        load_policy: the producers' whole :class:`~onlineaug.models.LoadPolicy` (dtype, compile mode, compiled VAE,
+            fused QKV, channels-last, ``cudnn.benchmark``) instead of ``compile_unet`` alone; the benchmarks use it.
         max_restarts, restart_window_s: producer restarts allowed in any window of that many seconds before the
             loader raises (a budget per window: occasional OOM kills over a long run do not end it).
         heartbeat_timeout_s, startup_timeout_s: a producer silent for that long (while producing / before its
@@ -231,7 +241,8 @@ class OnlineGenAugLoader:
                  label_smoothing: float = 0.0, class_names: Sequence[str] | None = None,
                  generation_size: int | None = None, warmup: int = 0, warmup_timeout: float = 600.0,
                  recipe_options: Mapping | None = None, fractals=None, num_fractals: int = 64,
-                 generator_batch_size: int = 4, compile_unet: bool | str = False, max_restarts: int = 3,
+                 generator_batch_size: int = 4, compile_unet: bool | str = False,
+                 load_policy: LoadPolicy | None = None, max_restarts: int = 3,
                  restart_window_s: float = 3600.0, heartbeat_timeout_s: float = 300.0,
                  startup_timeout_s: float = 1800.0, out_dtype: torch.dtype = torch.float32, backend: str = "auto",
                  prefetch: int = 1, rank: int | None = None, progress: bool = True, return_info: bool = False,
@@ -302,6 +313,7 @@ class OnlineGenAugLoader:
         self.device = parse_device(device, "device")
         given = {"generator": generator, "models": models, "generation_size": generation_size, "warmup": warmup,
                  "generator_batch_size": generator_batch_size, "compile_unet": compile_unet,
+                 "load_policy": load_policy,
                  "generator_devices": tuple(generator_devices) if isinstance(generator_devices, (list, tuple))
                  else generator_devices}
         if self.generative:
@@ -309,7 +321,7 @@ class OnlineGenAugLoader:
                 generator_devices, check.boolean("allow_shared_generator_devices", allow_shared_generator_devices))
             if not self.generator_devices:
                 raise ValueError(f"recipe {self.recipe.name!r} needs at least one generator device")
-            self.policy = _checked_policy(compile_unet)
+            self.policy = _checked_policy(compile_unet, load_policy)
             self.roles = self.recipe.model_roles()
             self.specs = resolve_models(self.roles, self.recipe.main_role, generator, models)
             per_producer = self.pool_size // len(self.generator_devices)

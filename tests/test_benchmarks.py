@@ -311,3 +311,114 @@ def test_kernels_benchmark_smoke(tmp_path, device):
         assert ours and all(r["median_s"] is None and "interpreter" in r["note"] for r in ours)
     text = results_md.read_text()
     assert text.startswith(common.RESULTS_MD_HEADER) and "| concat_blend | 2 |" in text
+
+
+# ------------------------------------------------------------------------------------------ make bench-gpu
+@pytest.mark.filterwarnings("ignore:torch.compile on CPU")
+def test_gpu_suite_plan_fits_the_budget_and_its_arguments_parse(tmp_path):
+    from benchmarks import gpu_suite, overhead, producer_loop
+
+    default = [step for step in gpu_suite.STEPS if not step.optional]
+    assert sum(step.budget_s for step in default) <= gpu_suite.TOTAL_BUDGET_S <= 8 * 60
+    assert [s.name for s in default] == ["preflight", "kernels", "producer-ip2p", "producer-img2img", "trainer"]
+    assert [s.name for s in gpu_suite.STEPS if s.optional] == ["single-gpu"]
+    parsers = {"producer_loop.py": producer_loop, "overhead.py": overhead}
+    for step in gpu_suite.STEPS:
+        for dry_run in (False, True):
+            command = gpu_suite.step_command(step, dry_run=dry_run, out=tmp_path, python="python3")
+            if step.script == "-c":
+                continue
+            assert command[1].endswith(f"benchmarks/{step.script}")
+            assert command[command.index("--results-md") + 1] == str(tmp_path / "RESULTS.md")
+            assert command[command.index("--out") + 1].startswith(str(tmp_path / step.name))
+            assert ("--budget-s" in command) == (step.inner_budget and not dry_run)
+            if step.script in parsers:  # every flag of the GPU command exists and resolves (on the CPU here)
+                argv = [a if a != "cuda" else "cpu" for a in command[2:]]
+                settings = parsers[step.script].resolve_settings(parsers[step.script].build_parser().parse_args(argv))
+                if step.script == "producer_loop.py" and not dry_run:
+                    assert settings["steps"] == 20 and settings["size"] == 512 and settings["batch_sizes"] == [8, 16]
+                    assert settings["compile"] is True and settings["dtype"] == "fp16"
+                    assert settings["generator"] == "full-random"
+                if step.script == "overhead.py" and not dry_run:
+                    assert settings["model"] == "resnet50" and settings["batch_size"] == 256
+                    assert settings["image_size"] == 224 and settings["amp"] is True
+    ip2p = gpu_suite.step_command(gpu_suite.STEPS[2], dry_run=False, out=tmp_path, python="python3")
+    assert ip2p[ip2p.index("--budget-s") + 1] == str(gpu_suite.STEPS[2].budget_s - 45)
+
+
+def test_gpu_suite_refuses_a_gpu_run_without_cuda(tmp_path, capsys, monkeypatch):
+    from benchmarks import gpu_suite
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_suite.main(["--out", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert "DRY_RUN=1" in captured.err and "GPU plan" in captured.out
+    assert not (tmp_path / "suite.json").exists()
+
+
+def test_gpu_suite_output_folder(monkeypatch, tmp_path):
+    from benchmarks import gpu_suite
+
+    monkeypatch.setenv("OUT", str(tmp_path / "from-env"))
+    assert gpu_suite.main(["--plan"]) == 0
+    env = gpu_suite.child_environment(dry_run=False, extra_path="/tmp/site")
+    assert env["PYTHONPATH"].split(":")[:2] == ["/tmp/site", str(ROOT)] and "TRITON_INTERPRET" not in env
+    assert gpu_suite.child_environment(dry_run=True, extra_path=None)["TRITON_INTERPRET"] == "1"
+
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run(tmp_path, capsys):
+    """`make bench-gpu DRY_RUN=1`: every step of the GPU run, through the same subprocesses, on the CPU."""
+    from benchmarks import gpu_suite
+
+    assert gpu_suite.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    suite = json.loads((tmp_path / "suite.json").read_text())
+    assert suite["dry_run"] is True and [s["step"] for s in suite["steps"]] == [
+        "preflight", "kernels", "producer-ip2p", "producer-img2img", "trainer"]  # the opt-in step only when named
+    assert [s["status"] for s in suite["steps"]] == ["ok"] * 5
+    found = json.loads((tmp_path / "preflight.log").read_text().splitlines()[-1])
+    assert found["modules"]["torch"] == torch.__version__.split("+")[0] and found["modules"]["diffusers"]
+    for path in ("kernels/kernels.json", "producer-ip2p/producer_loop_genmix.json",
+                 "producer-img2img/producer_loop_diffmix.json", "trainer/overhead.json"):
+        assert (tmp_path / path).stat().st_size > 0, path
+    img2img = json.loads((tmp_path / "producer-img2img/producer_loop_diffmix.json").read_text())
+    assert img2img["recipe"]["strengths"] == [0.7] and img2img["pipeline_kind"] == "img2img"
+    loop = img2img["loop"][0]
+    steps = img2img["settings"]["steps"]
+    # img2img runs int(steps x 0.7) denoising steps, on 2 guidance copies of each latent
+    assert loop["unet_forwards"] == loop["batches"] * int(steps * 0.7)
+    assert loop["unet_latents"] == loop["jobs"] * 2 * int(steps * 0.7)
+    text = (tmp_path / "RESULTS.md").read_text()
+    for title in ("## Kernels", "## producer loop: genmix", "## producer loop: diffmix", "## overhead:",
+                  "## bench-gpu suite (dry run on the CPU: not GPU figures)"):
+        assert title in text, title
+    out = capsys.readouterr().out
+    assert "GPU plan" in out and "producer-img2img  budget 130 s" in out
+
+
+@pytest.mark.slow
+def test_overhead_host_only(tmp_path, capsys):
+    from benchmarks import overhead
+
+    md = tmp_path / "RESULTS.md"
+    result = overhead.main(["--host-only", "--runs", "2", "--batches", "2", "--recipes", "none", "genmix",
+                            "--baselines", "tv-cutmix", "--batch-size", "8", "--image-size", "32", "--pool-size",
+                            "8", "--out", str(tmp_path), "--results-md", str(md)])
+    data = json.loads((tmp_path / "host_overhead.json").read_text())
+    assert (tmp_path / "host_overhead.png").stat().st_size > 0
+    _check_environment(data)
+    rows = {r["provider"]: r for r in data["providers"]}
+    assert list(rows) == ["plain", "onlineaug none", "onlineaug genmix", "torchvision CutMix"]
+    for row in rows.values():
+        assert row["batches_timed"] == 4 and len(row["fastest_per_run_ms"]) == 2
+        assert row["min_ms"] == min(row["fastest_per_run_ms"]) <= row["median_ms"]
+        assert row["median_vs_plain"] == pytest.approx(row["median_ms"] / rows["plain"]["median_ms"])
+    genmix = rows["onlineaug genmix"]
+    # p_aug 0.5 of 4 batches of 8 from a full pool with enough serves: generated rows, no miss, nothing generated
+    assert genmix["generated"] > 0 and genmix["misses"] == 0 and genmix["produced_while_timed"] == 0
+    assert rows["onlineaug none"]["generated"] == 0
+    assert set(result["targets"]) == {"none_vs_plain"}
+    assert result["targets"]["none_vs_plain"]["value"] == rows["onlineaug none"]["median_vs_plain"]
+    assert "| onlineaug genmix |" in md.read_text() and "target: onlineaug none" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--host-only times the loader's host work on the CPU"):
+        overhead.main(["--host-only", "--device", "cuda"])

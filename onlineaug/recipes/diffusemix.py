@@ -26,6 +26,7 @@ from onlineaug.pool import Field
 from onlineaug.recipes import register_recipe
 from onlineaug.recipes.base import NON_FINITE, Batch, BatchContext, ProducerContext, Recipe, SourceBatch
 from onlineaug.recipes.generation import keep_rows, to_uint8
+from onlineaug.recipes.prompts import prompt_embeddings
 
 PROMPTS = ("autumn", "snowy", "watercolor art", "sunset", "rainbow", "aurora", "mosaic", "ukiyo-e",
            "a sketch with crayon")
@@ -65,6 +66,16 @@ class DiffuseMix(Recipe):
     def prompt_text(self, prompt_id: int) -> str:
         return self.prompt_template.format(prompt=self.prompts[prompt_id])
 
+    def prompt_arguments(self, pipe, prompt_ids: torch.Tensor) -> dict:
+        """The pipeline's prompt arguments for rows drawing ``prompt_ids``: ``prompt_embeds`` and
+        ``negative_prompt_embeds`` from the embeddings of the whole prompt set, encoded once per pipeline
+        (:mod:`onlineaug.recipes.prompts`), or the prompt strings for pipelines that are not cached."""
+        table = prompt_embeddings(pipe, [self.prompt_text(i) for i in range(len(self.prompts))] + [""])
+        if table is None:
+            return {"prompt": [self.prompt_text(i) for i in prompt_ids.tolist()]}
+        rows = prompt_ids.to(table.device)
+        return {"prompt_embeds": table[rows], "negative_prompt_embeds": table[-1:].expand(len(rows), -1, -1)}
+
     def blend_width_at(self, image_size: int) -> float:
         """The ramp width in pixels at the training size.
 
@@ -89,8 +100,9 @@ class DiffuseMix(Recipe):
         prompt_ids = torch.randint(len(self.prompts), (count,), generator=ctx.generator, device=device).cpu()
         seeds = torch.randint(2**62, (count,), generator=ctx.generator, device=device).tolist()
         per_sample = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-        edited = models["edit"](
-            prompt=[self.prompt_text(i) for i in prompt_ids.tolist()],
+        pipe = models["edit"]
+        edited = pipe(
+            **self.prompt_arguments(pipe, prompt_ids),
             image=batch.images.float().div(255),
             num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale,
