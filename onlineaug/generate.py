@@ -130,10 +130,10 @@ def _option(text: str) -> tuple[str, object]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n")[0]
     from onlineaug.images import RESIZE_MODES
-    from onlineaug.recipes import available_recipes, get_recipe
+    from onlineaug.recipes import available_recipes
 
-    generating = [name for name in available_recipes() if get_recipe(name).generative]
-    parser.add_argument("--recipe", required=True, choices=generating, help="a recipe that generates")
+    parser.add_argument("--recipe", required=True, choices=available_recipes(),
+                        help="a recipe that generates (batch-time recipes such as cutmix have nothing to store)")
     parser.add_argument("--dataset", required=True, help="an ImageFolder path, or module:attr (a dataset or a "
                                                          "callable returning one)")
     parser.add_argument("--out", required=True, help="the cache_dir the training loader will be given")

@@ -386,3 +386,74 @@ def test_the_demo_previews_source_edit_classes_and_strength(tmp_path, capsys):
     assert preview.size == (90 + 128 * samples, 128 * 2 + 28)  # rows source, edit; a caption line per column
     caption = np.asarray(preview)[256:, 90:90 + 128]
     assert (caption < 128).any()  # the caption (source -> target, s) is written under the first column
+
+
+# ------------------------------------------------------------------------------------ the CLIP filter (7.1)
+def test_the_running_percentile_rejects_below_the_class_quantile_after_warmup():
+    from onlineaug.recipes.diffmix import RunningPercentile
+
+    percentile = RunningPercentile(quantile=0.1, window=100, warmup=20)
+    first = percentile.keep(torch.linspace(0, 1, 19), torch.zeros(19, dtype=torch.int64))
+    assert first.all()  # 19 scores seen: still warming up
+    percentile.keep(torch.tensor([0.5]), torch.tensor([0]))
+    history = percentile.history[0]
+    expected = float(np.quantile(history, 0.1))
+    keep = percentile.keep(torch.tensor([expected - 1e-6, expected + 1e-6, 0.0]), torch.tensor([0, 0, 1]))
+    assert keep.tolist() == [False, True, True]  # class 1 has no history: kept
+    for _ in range(200):
+        percentile.keep(torch.tensor([0.9]), torch.tensor([0]))
+    assert len(percentile.history[0]) == 100  # a window of recent scores
+
+
+@pytest.fixture(scope="module")
+def clip():
+    from onlineaug.models import ModelRole
+
+    return load_model(ModelRole("clip", "openai/clip-vit-base-patch32"), ModelSpec("tiny"), device="cpu")
+
+
+def test_clip_scores_are_the_softmax_of_with_vs_without(clip):
+    from onlineaug.recipes.diffmix import clip_scores
+
+    images = torch.randint(0, 256, (3, 3, SIZE, SIZE), dtype=torch.uint8)
+    scores = clip_scores(clip, images, ["bird", "bird", "car"])
+    image = clip.embed_images(images)
+    for row, subject in enumerate(["bird", "bird", "car"]):
+        text = clip.embed_texts([f"a photo with a {subject} on it", f"a photo without a {subject} on it"])
+        logits = clip.model.logit_scale.exp() * image[row] @ text.T
+        torch.testing.assert_close(scores[row], logits.softmax(0)[0].cpu(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_clip_filter_rejects_below_the_percentile_and_the_producer_regenerates_them(clip, img2img):
+    from onlineaug.models import LoadPolicy as Policy
+    from onlineaug.producer import Producer, ProducerSettings
+    from onlineaug.images import ItemFormat
+    from onlineaug.recipes.diffmix import CLIP_FILTER, clip_scores
+
+    recipe = get_recipe("diffmix", filter="clip", strengths=[0.5], num_inference_steps=2, generation_size=GEN,
+                        max_retries=2)
+    assert set(recipe.model_roles()) == {"edit", "filter"} and CLIP_FILTER in recipe.reject_reasons
+    shapes = SyntheticShapes(num_classes=4, size=GEN, length=16, seed=0)
+    labels = np.array([shapes.sample_params(i).label for i in range(len(shapes))])
+    settings = ProducerSettings(
+        recipe=recipe, dataset=shapes, num_classes=4, class_names=NAMES, image_size=SIZE, batch_size=4, seed=0,
+        trainer_rank=0, roles=recipe.model_roles(), specs={"edit": ModelSpec("tiny"), "filter": ModelSpec("tiny")},
+        policy=Policy(), pool_fields=recipe.pool_fields(SIZE), labels=labels, item_format=ItemFormat(resize="squash"))
+    producer = Producer(settings, rank=0, device="cpu", sources=SourceSet(np.arange(len(shapes)), None, labels))
+    for label in range(4):  # every class has seen only perfect scores: every edit falls below their 10th percentile
+        recipe._percentile.history[label] = [2.0] * 50
+    seen = []
+    produce = recipe.produce
+    recipe.produce = lambda models, batch, ctx: seen.append(batch.attempts.tolist()) or produce(models, batch, ctx)
+    rows = [producer.step() for _ in range(3)]
+    assert all(len(r["image"]) == 0 for r in rows)  # nothing written
+    assert seen == [[0, 0, 0, 0], [1, 1, 1, 1], [2, 2, 2, 2]]  # the same jobs regenerated up to max_retries
+    assert producer.counts[f"rejected:{CLIP_FILTER}"] == 12
+    for label in range(4):  # below-threshold scores are recorded too
+        recipe._percentile.history[label] = [-1.0] * 50
+    kept = producer.step()
+    assert len(kept["image"]) == 4 and seen[-1] == [0, 0, 0, 0]  # new jobs, all kept
+    scores = clip_scores(clip, torch.from_numpy(kept["image"]), [NAMES[c] for c in kept["target_label"].tolist()])
+    torch.testing.assert_close(torch.tensor(recipe._percentile.history[0][-1:]).float(),
+                               scores[kept["target_label"] == 0][-1:].float(), rtol=1e-4, atol=1e-5) \
+        if (kept["target_label"] == 0).any() else None

@@ -49,11 +49,50 @@ from onlineaug.checks import Checks
 from onlineaug.models import ModelRole
 from onlineaug.pool import Field
 from onlineaug.recipes import register_recipe
-from onlineaug.recipes.base import NON_FINITE, Batch, BatchContext, Jobs, ProducerContext, Recipe, SourceBatch
+from onlineaug.recipes.base import (NON_FINITE, Batch, BatchContext, Jobs, ProducerContext, Produced, Recipe,
+                                    SourceBatch)
 from onlineaug.recipes.generation import keep_rows, to_uint8
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 MATCHES = (None, "class", "index")
+CLIP_FILTER = "clip_filter"  # the reject reason of an edit below its target class's running percentile
+CLIP_MODEL = "openai/clip-vit-base-patch32"
+
+
+class RunningPercentile:
+    """Per class, the ``quantile`` of the last ``window`` scores: Diff-Mix's "drop the lowest 10%" (Sec. 7.1), online.
+
+    The paper filters a finished synthetic set once; online there is no finished set, so each producer keeps the
+    recent scores of each target class and rejects an edit scoring below their ``quantile``. Until a class has
+    ``warmup`` scores nothing of it is rejected.
+    """
+
+    def __init__(self, quantile: float = 0.1, window: int = 512, warmup: int = 20):
+        self.quantile, self.window, self.warmup = quantile, window, warmup
+        self.history: dict[int, list[float]] = {}
+
+    def threshold(self, label: int) -> float:
+        scores = self.history.get(int(label), [])
+        return float(np.quantile(scores, self.quantile)) if len(scores) >= self.warmup else float("-inf")
+
+    def keep(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Which rows to keep (thresholds from the scores seen before this batch), then record the batch's scores."""
+        thresholds = torch.tensor([self.threshold(c) for c in labels.tolist()], dtype=torch.float64)
+        keep = scores.double().cpu() >= thresholds
+        for label, score in zip(labels.tolist(), scores.tolist()):
+            kept = self.history.setdefault(int(label), [])
+            kept.append(float(score))
+            del kept[:-self.window]
+        return keep
+
+
+def clip_scores(embedder: Any, images: torch.Tensor, subjects: Sequence[str]) -> torch.Tensor:
+    """Softmax over "a photo with a {subject} on it" vs "a photo without a {subject} on it": the first's share."""
+    texts = [t for subject in subjects for t in (f"a photo with a {subject} on it", f"a photo without a {subject} on it")]
+    text = embedder.embed_texts(texts).view(len(subjects), 2, -1)
+    image = embedder.embed_images(images)
+    logits = embedder.model.logit_scale.exp().float() * torch.einsum("nd,nkd->nk", image.float(), text.float())
+    return logits.softmax(dim=1)[:, 0].cpu()
 
 
 # ------------------------------------------------------------------------------------------------ labels
@@ -189,12 +228,19 @@ class DiffMix(Recipe):
     def __init__(self, *, strengths: Sequence[float] = (0.5, 0.7, 0.9), gamma: float = 0.5,
                  soft_scaler: float = 1.0, metaclass: str = "", num_inference_steps: int = 25,
                  guidance_scale: float = 7.5, generation_size: int | None = None, textual_inversion: str | None = None,
-                 lora: str | None = None):
+                 lora: str | None = None, filter: str | None = None, filter_quantile: float = 0.1,
+                 max_retries: int = 3):
         check = Checks.recipe(self.name)
         self.strengths = checked_strengths(check, strengths)
         self._configure(check, gamma=gamma, soft_scaler=soft_scaler, metaclass=metaclass,
                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                         generation_size=generation_size, textual_inversion=textual_inversion, lora=lora)
+        # the optional CLIP filter (Sec. 7.1; off by default, as the official training path never uses it)
+        self.filter = check.choice("filter", filter, [None, "clip"])
+        self.filter_quantile = check.real("filter_quantile", filter_quantile, low=0.0, high=1.0, high_open=True)
+        self.max_retries = check.integer("max_retries", max_retries, low=0) if self.filter else 0
+        self.reject_reasons = (NON_FINITE, CLIP_FILTER) if self.filter else (NON_FINITE,)
+        self._percentile = RunningPercentile(self.filter_quantile) if self.filter else None
 
     def _configure(self, check: Checks, *, gamma, soft_scaler, metaclass, num_inference_steps, guidance_scale,
                    generation_size, textual_inversion, lora):
@@ -214,8 +260,11 @@ class DiffMix(Recipe):
 
     # ----------------------------------------------------------------------------------- producer side
     def model_roles(self) -> dict[str, ModelRole]:
-        return {"edit": ModelRole(self.pipeline_kind, SD15, architecture="sd15", scheduler="dpm++",
-                                  textual_inversion=self.textual_inversion, lora=self.lora)}
+        roles = {"edit": ModelRole(self.pipeline_kind, SD15, architecture="sd15", scheduler="dpm++",
+                                   textual_inversion=self.textual_inversion, lora=self.lora)}
+        if getattr(self, "filter", None) == "clip":
+            roles["filter"] = ModelRole("clip", CLIP_MODEL)
+        return roles
 
     def pool_fields(self, image_size: int) -> dict[str, Field]:
         scalar = Field((), "int64")
@@ -250,7 +299,14 @@ class DiffMix(Recipe):
         source = batch.labels if self.pipeline_kind != "text2img" else target  # no reference: the prompted class
         payload = {"image": images.cpu(), "label": target, "index": batch.indices, "source_label": source,
                    "target_label": target, "strength": strength.float()}
-        return keep_rows(payload, finite, NON_FINITE)
+        produced = keep_rows(payload, finite, NON_FINITE)
+        if getattr(self, "filter", None) != "clip" or not len(produced.rows):
+            return produced
+        subjects = [self.metaclass or ctx.class_name(c) for c in produced.payload["target_label"].tolist()]
+        scores = clip_scores(models["filter"], produced.payload["image"].to(ctx.device), subjects)
+        keep = self._percentile.keep(scores, produced.payload["target_label"])
+        return Produced({k: v[keep] for k, v in produced.payload.items()}, rows=produced.rows[keep],
+                        rejected={**produced.rejected, CLIP_FILTER: produced.rows[~keep]})
 
     # ------------------------------------------------------------------------------------ trainer side
     def sample_params(self, batch: Batch, ctx: BatchContext, generator: torch.Generator) -> dict[str, torch.Tensor]:
