@@ -224,6 +224,7 @@ class DiffMix(Recipe):
     real_fields = {"image": "image"}
     pipeline_kind = "img2img"
     default_generation_size = 512
+    filter: str | None = None  # Diff-Aug and Diff-Gen have no filter option
 
     def __init__(self, *, strengths: Sequence[float] = (0.5, 0.7, 0.9), gamma: float = 0.5,
                  soft_scaler: float = 1.0, metaclass: str = "", num_inference_steps: int = 25,
@@ -262,7 +263,7 @@ class DiffMix(Recipe):
     def model_roles(self) -> dict[str, ModelRole]:
         roles = {"edit": ModelRole(self.pipeline_kind, SD15, architecture="sd15", scheduler="dpm++",
                                    textual_inversion=self.textual_inversion, lora=self.lora)}
-        if getattr(self, "filter", None) == "clip":
+        if self.filter == "clip":
             roles["filter"] = ModelRole("clip", CLIP_MODEL)
         return roles
 
@@ -300,7 +301,7 @@ class DiffMix(Recipe):
         payload = {"image": images.cpu(), "label": target, "index": batch.indices, "source_label": source,
                    "target_label": target, "strength": strength.float()}
         produced = keep_rows(payload, finite, NON_FINITE)
-        if getattr(self, "filter", None) != "clip" or not len(produced.rows):
+        if self.filter != "clip" or not len(produced.rows):
             return produced
         subjects = [self.metaclass or ctx.class_name(c) for c in produced.payload["target_label"].tolist()]
         scores = clip_scores(models["filter"], produced.payload["image"].to(ctx.device), subjects)
