@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import queue
 import select
 import shutil
 import signal
@@ -70,18 +71,31 @@ class Shared:
 
 
 # ------------------------------------------------------------------------------------------ in the producer
-def _watch_parent(stdin, shared: Shared, parent_pid: int) -> None:
-    """Exit the process (after removing the pool's segments and the report folder) once the trainer is gone.
+def _watch_parent(stdin_fd: int, shared: Shared, trainer_pid: int, records: queue.Queue) -> None:
+    """Hand the launch record on stdin to the main thread, then exit the process once the trainer is gone.
 
-    The trainer holds the write end of this process's stdin, so reading it returns EOF when the trainer exits,
-    however it exits (SIGKILL included). Processes forked from the trainer (DataLoader workers) inherit that
-    write end too, so the parent pid is also watched: it changes when the trainer dies.
+    This thread is the only reader of stdin, and it starts before the launch record has arrived (the segments'
+    names come on the command line), so a trainer killed while it was still writing the record is noticed too. On
+    exit it removes the pool's segments and the report folder. The trainer holds the write end of this process's
+    stdin, so reading it returns EOF when the trainer exits, however it exits (SIGKILL included). Processes forked
+    from the trainer (DataLoader workers) inherit that write end too, so the trainer's pid is also watched: this
+    process's parent pid changes when the trainer dies.
     """
+    received, delivered = bytearray(), False
     try:
-        while os.getppid() == parent_pid:
-            readable, _, _ = select.select([stdin], [], [], 0.5)
-            if readable and not os.read(stdin.fileno(), 65536):
+        while os.getppid() == trainer_pid:
+            readable, _, _ = select.select([stdin_fd], [], [], 0.5)
+            if not readable:
+                continue
+            chunk = os.read(stdin_fd, 1 << 20)
+            if not chunk:
                 break
+            if not delivered:
+                received += chunk
+                size = int.from_bytes(received[:8], "little") if len(received) >= 8 else None
+                if size is not None and len(received) >= 8 + size:
+                    records.put(bytes(received[8:8 + size]))
+                    received, delivered = bytearray(), True
         from onlineaug.pool import _unlink_quietly
 
         unlink_segments(shared.pool)
@@ -91,13 +105,22 @@ def _watch_parent(stdin, shared: Shared, parent_pid: int) -> None:
         os._exit(0)  # whatever happened above, never outlive the trainer
 
 
-def subprocess_main() -> None:
+def launch_header(shared: Shared, trainer_pid: int) -> str:
+    """What a producer needs before its launch record arrives (to clean up if the trainer dies first), as hex."""
+    return pickle.dumps((shared, trainer_pid)).hex()
+
+
+def subprocess_main(header: str) -> None:
     """Entry point of a producer process (see :meth:`ProducerGroup._spawn`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the trainer's to handle; it stops the producers
     os.environ[PRODUCER_ENV] = "1"
-    stdin = sys.stdin.buffer
-    size = int.from_bytes(stdin.read(8), "little")
-    launch = pickle.loads(stdin.read(size))  # only the standard library is needed to read the launch record
+    # the trainer's pid from the trainer itself: a trainer killed before this process even started is then seen
+    # as gone at once (getppid() here would already name its successor)
+    shared, trainer_pid = pickle.loads(bytes.fromhex(header))
+    records: queue.Queue = queue.Queue(maxsize=1)
+    threading.Thread(target=_watch_parent, args=(sys.stdin.fileno(), shared, trainer_pid, records), daemon=True,
+                     name="onlineaug-parent-watch").start()
+    launch = pickle.loads(records.get())  # if the trainer dies first, the watcher cleans up and exits the process
     try:
         sys.path[:] = launch["sys_path"]
         sys.argv[:] = launch["argv"]  # as multiprocessing's spawn does: the user's script may read it
@@ -108,11 +131,6 @@ def subprocess_main() -> None:
             module = types.ModuleType("__mp_main__")
             module.__dict__.update(main)
             sys.modules["__main__"] = sys.modules["__mp_main__"] = module
-        shared: Shared = launch["shared"]
-        # the trainer's pid from the trainer itself: a trainer killed before this process even started is then
-        # seen as gone at once (getppid() here would already name its successor)
-        threading.Thread(target=_watch_parent, args=(stdin, shared, launch["trainer_pid"]), daemon=True,
-                         name="onlineaug-parent-watch").start()
         settings = pickle.loads(launch["settings"])
         _produce_forever(settings, shared, launch["rank"], launch["device"], launch["generation"],
                          launch["num_threads"])
@@ -239,8 +257,8 @@ def producer_environment(num_threads: int | None) -> dict[str, str]:
 class ProducerGroup:
     """Starts, watches and restarts the producer processes of one loader (trainer side).
 
-    Producers are plain ``python -c`` subprocesses: the launch record (settings, shared segments) arrives on
-    stdin, which then stays open as the liveness signal. Unlike ``multiprocessing``'s spawn, the user's script is
+    Producers are plain ``python -c`` subprocesses: the shared segments' names come on the command line, the
+    launch record (settings) on stdin, which then stays open as the liveness signal. Unlike ``multiprocessing``'s spawn, the user's script is
     not re-run in the producer unless the settings need a class defined in it, so a script without an
     ``if __name__ == "__main__":`` guard works when its dataset comes from a module.
     """
@@ -281,13 +299,14 @@ class ProducerGroup:
 
     def _spawn(self, rank: int) -> None:
         launch = pickle.dumps({
-            "trainer_pid": os.getpid(), "sys_path": list(sys.path), "argv": list(sys.argv),
-            "main_path": self._main_path, "settings": self._settings, "shared": self.shared, "rank": rank,
+            "sys_path": list(sys.path), "argv": list(sys.argv),
+            "main_path": self._main_path, "settings": self._settings, "rank": rank,
             "device": self.devices[rank], "generation": self._generations[rank],
             "num_threads": self._num_threads[rank], "error_path": self._error_path(rank)})
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         bootstrap = (f"import sys; sys.path.insert(0, {package_root!r}); "
-                     f"from onlineaug.producer_processes import subprocess_main; subprocess_main()")
+                     f"from onlineaug.producer_processes import subprocess_main; "
+                     f"subprocess_main({launch_header(self.shared, os.getpid())!r})")
         process = subprocess.Popen([sys.executable, "-c", bootstrap], stdin=subprocess.PIPE, close_fds=True,
                                    env=producer_environment(self._num_threads[rank]))
         with self._lock:

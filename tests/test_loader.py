@@ -152,9 +152,15 @@ def test_segments_are_freed_on_garbage_collection(shapes):
 
 KILLED_TRAINER = textwrap.dedent("""
     import os, sys, time
+    import torch
     from onlineaug import OnlineGenAugLoader
     from onlineaug.datasets import SyntheticShapes
-    loader = OnlineGenAugLoader(SyntheticShapes(num_classes=10, size=32, length=64), recipe="genmix",
+    if sys.argv[2] == "large":  # a launch record of about 60 MB: the trainer dies while it is still being written
+        images = torch.randint(0, 256, (20000, 3, 32, 32), dtype=torch.uint8)
+        dataset = torch.utils.data.TensorDataset(images, torch.arange(20000) % 10)
+    else:
+        dataset = SyntheticShapes(num_classes=10, size=32, length=64)
+    loader = OnlineGenAugLoader(dataset, recipe="genmix",
                                 num_classes=10, batch_size=8, image_size=32, generation_size=32, pool_size=8,
                                 num_workers=0, recipe_options={"num_inference_steps": 2}, progress=False)
     loader.start()
@@ -170,10 +176,10 @@ KILLED_TRAINER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("forked_child", [False, True])
-def test_segments_and_producers_go_away_when_the_trainer_is_killed(forked_child):
+@pytest.mark.parametrize("forked_child, dataset", [(False, "small"), (True, "small"), (False, "large")])
+def test_segments_and_producers_go_away_when_the_trainer_is_killed(forked_child, dataset):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    trainer = subprocess.Popen([sys.executable, "-c", KILLED_TRAINER, "fork" if forked_child else "plain"],
+    trainer = subprocess.Popen([sys.executable, "-c", KILLED_TRAINER, "fork" if forked_child else "plain", dataset],
                                stdout=subprocess.PIPE, text=True, env=env)
     child_pid = 0
     try:
