@@ -297,7 +297,7 @@ def test_clipseg_masks_threshold_the_models_upsampled_probabilities(tiny_clipseg
     assert torch.equal(found, masks.flatten(1).any(1))
     # each image is segmented with its own prompt: a batch equals the images one by one
     alone = torch.cat([tiny_clipseg.probabilities(images[i:i + 1], texts[i:i + 1]) for i in range(3)])
-    torch.testing.assert_close(probs, alone, atol=1e-4, rtol=0)  # padding to the longest prompt: float noise
+    torch.testing.assert_close(probs, alone, atol=3e-4, rtol=0)  # padding to the longest prompt: float noise (~1e-4)
     other = tiny_clipseg.probabilities(images[:1], ["a completely different prompt"])
     assert not torch.allclose(other, probs[:1], atol=1e-3)
 
