@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/kernels.py --quick
 	$(PY) benchmarks/generator.py --quick
 	$(PY) benchmarks/producer_loop.py --quick
+	$(PY) benchmarks/store_write.py
 	$(PY) benchmarks/overhead.py --host-only
 	$(PY) benchmarks/overhead.py --quick
 	$(PY) -m onlineaug plan --measure --quick --results-md benchmarks/RESULTS.md

@@ -38,7 +38,7 @@ def _map_source_kernels() -> None:
 
 _map_source_kernels()
 
-__all__ = ["OnlineGenAugLoader", "ProducerError", "__version__"]
+__all__ = ["OnlineGenAugLoader", "ProducerError", "__version__", "flat_stats"]
 
 
 def __getattr__(name):
@@ -47,6 +47,10 @@ def __getattr__(name):
         from onlineaug.loader import OnlineGenAugLoader
 
         return OnlineGenAugLoader
+    if name == "flat_stats":
+        from onlineaug.monitor import flat_stats
+
+        return flat_stats
     if name == "ProducerError":
         from onlineaug.producer_processes import ProducerError
 

@@ -30,6 +30,8 @@ class ReadyBatch:
     batch: Batch
     counts: dict[str, int]  # real, generated, fresh, reused, misses
     copied: torch.cuda.Event | None = None
+    generated_labels: np.ndarray | None = None  # the labels of the generated rows (per-class counts in stats())
+    coins_state: dict | None = None  # the replacement coins' state after this batch (set by the loader: resume)
 
     def wait(self) -> Batch:
         """Make the current stream wait for the copies; return the batch."""
@@ -117,8 +119,10 @@ class BatchAssembler:
         counts["generated"] = int(generated.sum())
         counts["real"] = size - counts["generated"]
         mask = torch.from_numpy(generated)
+        generated_labels = host["label"].numpy()[generated] if "label" in host and counts["generated"] else None
         if not self.cuda:
-            return ReadyBatch(Batch(fields={n: t.to(self.device) for n, t in host.items()}, generated=mask), counts)
+            return ReadyBatch(Batch(fields={n: t.to(self.device) for n, t in host.items()}, generated=mask), counts,
+                              generated_labels=generated_labels)
         with torch.cuda.stream(self.copy_stream):
             fields = {name: tensor.to(self.device, non_blocking=True) for name, tensor in host.items()}
             device_mask = mask.pin_memory().to(self.device, non_blocking=True)
@@ -126,7 +130,7 @@ class BatchAssembler:
             copied.record(self.copy_stream)
         if ring_index is not None:
             self._ring_events[ring_index] = copied
-        return ReadyBatch(Batch(fields=fields, generated=device_mask), counts, copied)
+        return ReadyBatch(Batch(fields=fields, generated=device_mask), counts, copied, generated_labels)
 
 
 def prefetch_batches(source: Iterable, assemble: Callable[..., ReadyBatch], *, depth: int,

@@ -8,6 +8,10 @@ used by the DiffuseMix/DiffCoRe-Mix papers), the generated share, misses and poo
 composite; for recipes that pool only an edit, such as Diff-Mix: source, edit, source -> target class and strength;
 otherwise DiffuseMix Figure 4: original, generated, mask, hybrid, fractal, final) and ``metrics.json`` into
 ``--out`` (default ``runs/demo`` under the current directory).
+
+The online run keeps what its producers generate in the sample store under ``--cache-dir`` (default
+``runs/cache``): a second run with the same settings starts with a pool filled from the store (the table's "from
+the store" row says how many), then keeps generating. ``--no-cache`` runs without a store.
 """
 
 from __future__ import annotations
@@ -249,7 +253,8 @@ def run_demo(args: argparse.Namespace) -> dict:
         pool_size=args.pool_size, max_reuse=args.max_reuse, num_workers=args.num_workers, seed=args.seed,
         drop_last=True, generation_size=generation_size, warmup=args.warmup if generative else 0,
         recipe_options=recipe_options, generator_batch_size=args.generator_batch_size if generative else 4,
-        compile_unet=args.compile if generative else False, progress=progress)
+        compile_unet=args.compile if generative else False, progress=progress,
+        cache_dir=None if args.no_cache else args.cache_dir, store_shard_size=args.store_shard_size)
     with loader:
         warmup_start = time.perf_counter()
         loader.wait_for_pool(args.warmup)
@@ -301,6 +306,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         ("produced", f"{stats['produced']}  ({stats['gen_images_per_s']:.2f} img/s, "
                      f"{stats['producer_restarts']} restarts)"),
         ("warmup", f"{warmup_seconds:.1f} s for {args.warmup if generative else 0} samples"),
+        ("from the store", _store_row(loader, stats, generative)),
         ("final loss vanilla / online", f"{vanilla['final_loss']:.3f} / {augmented['final_loss']:.3f}"),
     ]))
     for note in notes:
@@ -308,6 +314,19 @@ def run_demo(args: argparse.Namespace) -> dict:
     written = [out_dir / "preview.png"] if previewed else []
     print(f"wrote {' and '.join(str(path) for path in [*written, out_dir / 'metrics.json'])}")
     return metrics
+
+
+def _store_row(loader: OnlineGenAugLoader, stats: dict, generative: bool) -> str:
+    """The table's line on the sample store: what the pool started with, and what the store holds now."""
+    if not generative:
+        return "no store (the recipe generates nothing)"
+    if loader.store_dir is None:
+        return "no store (--no-cache)"
+    held = (f"the store holds {stats['store_samples']} samples, {stats['store_bytes'] / 1e6:.1f} MB, in "
+            f"{os.path.relpath(loader.store_dir)}")
+    if stats["from_store"] == 0:
+        return f"0 (the store was empty; {held}: the next run starts from them)"
+    return f"{stats['from_store']} samples loaded into the pool before training; {held}"
 
 
 def _recipe_option(text: str) -> tuple[str, object]:
@@ -357,4 +376,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds data order, mixing and generation")
     parser.add_argument("--out", default="runs/demo", metavar="DIR",
                         help="folder for preview.png and metrics.json, relative to the current directory")
+    parser.add_argument("--cache-dir", default="runs/cache", metavar="DIR",
+                        help="the sample store's folder, relative to the current directory: a second run with the "
+                             "same settings starts with a pool filled from it")
+    parser.add_argument("--store-shard-size", type=int, default=8,
+                        help="samples per store shard (a shard is kept once complete)")
+    parser.add_argument("--no-cache", action="store_true", help="no sample store (nothing kept across runs)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -36,16 +36,19 @@ from onlineaug import distributed
 from onlineaug.batching import BatchAssembler, prefetch_batches
 from onlineaug.checks import Checks
 from onlineaug.devices import assign_generator_devices, parse_device, producer_threads
-from onlineaug.images import DEFAULT_RESIZE, RESIZE_MODES, EpochTaggedSampler, ItemFormat, UInt8ImageDataset, load_label
+from onlineaug.images import DEFAULT_RESIZE, RESIZE_MODES, ItemFormat, UInt8ImageDataset, load_label
 from onlineaug.models import LoadPolicy, ensure_available, resolve_models
+from onlineaug.monitor import ServeMonitor, miss_rate_advice
 from onlineaug.pool import PoolSpec, SamplePool, check_shm_capacity
 from onlineaug.producer import (ProducerSettings, counter_names, fingerprint_bytes, index_cache_key, prepare_cache_key,
                                 reject_reasons)
 from onlineaug.producer_processes import PRODUCER_ENV, ProducerGroup, Shared, make_report_dir
 from onlineaug.recipes import BatchContext, Recipe, get_recipe
+from onlineaug.resume import (STATE_VERSION, EpochPass, ResumableSampler, check_settings, numpy_state,
+                              sampler_kind)
 from onlineaug.seeding import derive_seed, numpy_generator, torch_generator
 from onlineaug.sources import SharedSources, SourceSet, dataset_labels, epoch_dependent, sampler_sources
-from onlineaug.store import POLICIES as STORE_POLICIES, SampleStore, StoreFeeder, store_key, store_path
+from onlineaug.store import POLICIES as STORE_POLICIES, SampleStore, StoreFeeder, shard_samples, store_key, store_path
 
 logger = logging.getLogger("onlineaug")
 
@@ -57,6 +60,8 @@ DeviceSpec = Union[Sequence, str, Mapping, Callable]
 _BACKENDS = ("auto", "triton", "torch")
 # A generative loader that has served this many batches and not one generated sample logs why (once).
 ONLY_MISSES_BATCHES = 20
+# Counters that live in the pool (this run's producers) and that a resumed loader continues from the saved ones.
+_POOL_COUNTERS = ("produced", "torn_reads", "producer_restarts", "producer_hangs", "from_store")
 # Loader arguments that only matter to recipes that generate, with their defaults (for the "ignored" log line).
 _GENERATION_ARGUMENTS = {"generator": "tiny", "models": None, "generation_size": None, "warmup": 0,
                          "generator_batch_size": 4, "compile_unet": False, "load_policy": None,
@@ -228,8 +233,22 @@ class OnlineGenAugLoader:
             from ``(seed, rank, epoch, batch)``, so the draws are reproducible and the caller's random state is
             left as it was.
 
+        miss_window, warn_miss_rate: ``stats()["miss_rate"]`` is the share of the generated samples asked for that
+            were misses over the last ``miss_window`` batches; when a whole window is above ``warn_miss_rate``, the
+            ``"onlineaug"`` logger warns once with the measured rates and what to change (more generator devices,
+            a higher ``max_reuse`` or a lower ``p_aug``, with the numbers :mod:`onlineaug.plan` gives). None: no
+            warning.
+        log_every, log_fn: every ``log_every`` batches, ``log_fn(stats, step)`` is called with :meth:`stats` and the
+            batches served so far (``onlineaug.flat_stats`` makes it a flat dict of numbers for TensorBoard or
+            Weights & Biases); without ``log_fn``, the ``"onlineaug"`` logger logs a one-line summary at INFO.
+
     A generative loader whose first :data:`ONLY_MISSES_BATCHES` batches served no generated sample logs a warning
     (logger ``"onlineaug"``) saying why: what the producers made so far, and what to change.
+
+    Resume: :meth:`state_dict` (a plain dict, for ``torch.save``) taken mid-epoch and given to
+    :meth:`load_state_dict` of a new loader with the same settings continues the epoch from the next batch: the same
+    real indices, coins and batch-time parameters, the counters of :meth:`stats` (what is generated still depends on
+    producer timing). See :mod:`onlineaug.resume`.
     """
 
     def __init__(self, dataset, recipe: str | Recipe = "genmix", *, num_classes: int, batch_size: int = 64,
@@ -248,7 +267,9 @@ class OnlineGenAugLoader:
                  prefetch: int = 1, rank: int | None = None, progress: bool = True, return_info: bool = False,
                  cache_dir: str | os.PathLike | None = None, resize: str = DEFAULT_RESIZE,
                  image_key: str = "image", label_key: str = "label", allow_shared_generator_devices: bool = False,
-                 batch_transforms=None, store_policy: str = "readwrite", store_shard_size: int = 64):
+                 batch_transforms=None, store_policy: str = "readwrite", store_shard_size: int = 64,
+                 miss_window: int = 50, warn_miss_rate: float | None = 0.5, log_every: int = 0,
+                 log_fn: Callable[[dict, int], None] | None = None):
         check = _CHECK
         if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
             raise TypeError(f"dataset must be a map-style dataset (with __getitem__ and __len__), got "
@@ -307,6 +328,15 @@ class OnlineGenAugLoader:
         self.class_names = class_names
         if self.warmup > self.pool_size:
             raise ValueError(f"warmup={warmup} can never be reached with pool_size={pool_size}")
+        self.miss_window = check.integer("miss_window", miss_window, low=1)
+        self.warn_miss_rate = None if warn_miss_rate is None else check.probability("warn_miss_rate", warn_miss_rate)
+        self.log_every = check.integer("log_every", log_every, low=0)
+        if log_fn is not None and not callable(log_fn):
+            check._fail(TypeError, "log_fn", log_fn, "a callable taking (stats, step), e.g. "
+                        "lambda stats, step: wandb.log(flat_stats(stats), commit=False)")
+        if log_fn is not None and self.log_every == 0:
+            raise ValueError("log_fn is called every log_every batches: pass log_every=N (N >= 1) with it")
+        self.log_fn = log_fn
 
         self.recipe = self._make_recipe(recipe, recipe_options, generation_size, generator, models)
         self.generative = self.recipe.generative
@@ -388,7 +418,8 @@ class OnlineGenAugLoader:
                 f"and dataset (any of them changes the store's key)")
 
         pin = self.device.type == "cuda" if pin_memory is None else check.boolean("pin_memory", pin_memory)
-        self._item_sampler = EpochTaggedSampler(sampler)  # each index reaches its worker with the epoch
+        # each index reaches its worker with the epoch; a pass can start after the batches already handed out
+        self._item_sampler = ResumableSampler(sampler, self.batch_size)
         self._dataloader = DataLoader(
             UInt8ImageDataset(dataset, self.image_size, self.num_classes, self.item_format, seed=self.seed,
                               rank=self.rank), batch_size=self.batch_size,
@@ -427,6 +458,13 @@ class OnlineGenAugLoader:
         self._resources.dataloader = self._dataloader
         self._finalizer = weakref.finalize(self, self._resources.release)
         self._counts = {"batches": 0, "real": 0, "generated": 0, "fresh": 0, "reused": 0, "misses": 0}
+        self._monitor = ServeMonitor(self.num_classes, self.miss_window, self.warn_miss_rate)
+        self._carried = dict.fromkeys(_POOL_COUNTERS, 0)  # the pool's counters of the run a state was saved in
+        self._carried_rejected: dict[str, int] = {}
+        self._pass: EpochPass | None = None  # the pass in progress (or the last one): what state_dict() saves
+        self._pending: dict | None = None  # a loaded mid-epoch state, for the next pass
+        self._warmed = False
+        self._store_counts: dict[str, int] = {}  # samples per store shard (shards never change once visible)
         self._last_pool_stats: dict | None = None
         self._store_loaded = 0  # samples the warm start loaded from the sample store
         self._sources_fingerprint: str | None = None
@@ -618,16 +656,30 @@ class OnlineGenAugLoader:
         return len(self._dataloader)
 
     def set_epoch(self, epoch: int) -> None:
-        """Reseed this epoch's shuffling and mixing (and forward to a sampler that has ``set_epoch``)."""
-        self.epoch = _CHECK.integer("epoch", epoch, low=0)
+        """Reseed this epoch's shuffling and mixing (and forward to a sampler that has ``set_epoch``).
+
+        After :meth:`load_state_dict` of a mid-epoch state, ``set_epoch`` of the saved epoch keeps the saved position
+        (the next pass continues it); another epoch drops it, with a warning."""
+        epoch = _CHECK.integer("epoch", epoch, low=0)
+        if self._pending is not None and epoch != self._pending["epoch"]:
+            logger.warning("onlineaug: set_epoch(%d) after load_state_dict of a state saved at batch %d of epoch %d: "
+                           "epoch %d starts from its first batch and the saved position is dropped; call "
+                           "set_epoch(%d), or none, to continue the saved epoch", epoch,
+                           self._pending["batches_in_epoch"], self._pending["epoch"], epoch, self._pending["epoch"])
+            self._pending = None
+        if self._pass is not None and not self._pass.finished:
+            self._pass = None  # a pass left midway is over: the next one starts its epoch from the first batch
+        self.epoch = epoch
         self._epoch_chosen = True
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(self.epoch)
 
     def __iter__(self):
         self.start()
-        if self.warmup and self._counts["batches"] == 0:
+        if self.warmup and not self._warmed:
             self.wait_for_pool(self.warmup)
+        self._warmed = True
+        resume, self._pending = self._pending, None
         if not self._epoch_chosen:  # a new pass without set_epoch: the next epoch, reshuffled as by a DataLoader
             self.set_epoch(self.epoch + 1)
         self._epoch_chosen = False
@@ -637,10 +689,20 @@ class OnlineGenAugLoader:
         self._item_sampler.epoch = self.epoch  # seeds this epoch's random crops
         coins = numpy_generator(self.seed, "replace", self.rank, self.epoch)
         params_generator = torch_generator(self.seed, "params", self.rank, self.epoch, device=self.device)
+        sampler_generator = getattr(self.sampler, "generator", None)
+        if not isinstance(sampler_generator, torch.Generator):
+            sampler_generator = None
+        epoch_pass = self._begin_pass(resume, coins, params_generator, sampler_generator)
         assembler = self._assembler
-        batches = prefetch_batches(self._dataloader, lambda images, labels, indices: assembler.assemble(
-            images, labels, indices, coins), depth=self.prefetch, before_each=self._check_running)
-        for step, ready in enumerate(batches):
+
+        def assemble(images, labels, indices):
+            ready = assembler.assemble(images, labels, indices, coins)
+            ready.coins_state = coins.bit_generator.state  # the coins after this batch: what a resume continues
+            return ready
+
+        batches = prefetch_batches(self._dataloader, assemble, depth=self.prefetch, before_each=self._check_running)
+        for ready in batches:
+            step = epoch_pass.delivered  # this batch's number in the epoch (a resumed pass starts above 0)
             batch = ready.wait()
             params = self.recipe.sample_params(batch, self.context, params_generator)
             if self.batch_transforms is None:
@@ -648,16 +710,139 @@ class OnlineGenAugLoader:
             else:
                 images, targets, info = _with_info(self.recipe.apply(batch, params, self._unnormalised_context))
                 images = self._transform_and_normalise(images, step)
-            self._counts["batches"] += 1
-            for key, value in ready.counts.items():
-                self._counts[key] += value
-            if self.generative and not self._only_misses_logged:
-                self._log_only_misses()
+            epoch_pass.delivered += 1
+            epoch_pass.coins_state = ready.coins_state
+            snapshots = self._item_sampler.snapshots
+            if snapshots:  # a stateful sampler: its state after the batches handed out, not after those drawn ahead
+                epoch_pass.sampler_state = snapshots.pop(epoch_pass.delivered, epoch_pass.sampler_state)
+                for drawn in [n for n in snapshots if n < epoch_pass.delivered]:
+                    del snapshots[drawn]
+            self._served(ready)
             if self.return_info:
                 yield images, targets, {"generated": batch.generated, "index": batch.fields["index"],
                                         "label": batch.fields["label"], **info}
             else:
                 yield images, targets
+        epoch_pass.complete = True
+
+    def _begin_pass(self, resume: dict | None, coins, params_generator: torch.Generator,
+                    sampler_generator: torch.Generator | None) -> EpochPass:
+        """This pass's :class:`EpochPass`; with ``resume`` (a loaded mid-epoch state), the saved states set first."""
+        start, sampler_state = 0, None
+        if resume is not None:
+            start, sampler = resume["batches_in_epoch"], resume["sampler"]
+            coins.bit_generator.state = resume["rng"]["coins"]
+            params_generator.set_state(resume["rng"]["params"])
+            if sampler["kind"] == "generator":
+                sampler_generator.set_state(sampler["generator"])
+            sampler_state = sampler.get("state")
+            self._item_sampler.resume_at(start * self.batch_size, sampler_state)
+        self._pass = EpochPass(
+            self.epoch, start, len(self._dataloader), params_generator, numpy_state(coins.bit_generator.state),
+            sampler_generator=sampler_generator.get_state() if sampler_generator is not None else None,
+            sampler_state=sampler_state)
+        return self._pass
+
+    def _served(self, ready) -> None:
+        """Count one batch handed out; the warnings and the ``log_every`` hook."""
+        self._counts["batches"] += 1
+        for key, value in ready.counts.items():
+            self._counts[key] += value
+        self._monitor.record(ready.counts, ready.generated_labels)
+        if self.generative and not self._only_misses_logged:
+            self._log_only_misses()
+        if self.generative and self._monitor.should_warn() and self._layout.speaks:
+            self._log_miss_rate()
+        if self.log_every and self._counts["batches"] % self.log_every == 0:
+            stats = self.stats()
+            if self.log_fn is not None:
+                self.log_fn(stats, self._counts["batches"])
+            elif self._layout.speaks:
+                logger.info("onlineaug: batch %d: generated %.1f%% (%d), misses %d (%.0f%% over the last %d batches), "
+                            "%d produced, pool %d/%d ready", stats["batches"], stats["generated_share"] * 100,
+                            stats["generated"], stats["misses"], stats["miss_rate"] * 100, self.miss_window,
+                            stats["produced"], stats["pool_ready"], stats["pool_size"])
+
+    def _log_miss_rate(self) -> None:
+        """Once: the miss rate stayed above ``warn_miss_rate`` for a whole window; what to change, with numbers."""
+        monitor = self._monitor
+        produced_per_s = self._pool_stats()["gen_images_per_s"] if self.pool is not None else 0.0
+        producers = max(1, len(self.generator_devices))
+        logger.warning("onlineaug: %s. stats() reports miss_rate as it goes; warn_miss_rate=None silences this.",
+                       miss_rate_advice(monitor.miss_rate(), self.miss_window, p_aug=self.p_aug,
+                                        max_reuse=self.max_reuse, generators=producers,
+                                        trainer_images_per_s=monitor.samples_per_s(),
+                                        producer_images_per_s=produced_per_s / producers if produced_per_s else None))
+
+    # ------------------------------------------------------------------------------------------ resume
+    def _resume_settings(self) -> dict:
+        """What decides the remaining batches of an epoch: a state loads only into a loader where these agree."""
+        try:
+            sampler_length = len(self.sampler)
+        except TypeError:
+            sampler_length = None
+        return {"batch_size": self.batch_size, "seed": self.seed, "rank": self.rank, "dataset_length": len(self.dataset),
+                "sampler": type(self.sampler).__name__, "sampler_length": sampler_length,
+                "drop_last": self._dataloader.drop_last, "recipe": self.recipe.name, "num_classes": self.num_classes,
+                "image_size": self.image_size}
+
+    def state_dict(self) -> dict:
+        """Where this loader stands, as a plain dict (for ``torch.save`` beside the model's checkpoint).
+
+        Taken mid-epoch (between two batches, or after leaving the loop), it holds the epoch, the batches handed out
+        in it, the coins' and the batch-time parameters' generator states after the last of them (not after the
+        batches assembled ahead), what the sampler needs to yield the same order, and the counters of
+        :meth:`stats`. :meth:`load_state_dict` on a new loader with the same settings continues from the next batch.
+        Raises ``TypeError`` for a sampler whose order cannot be saved (:func:`onlineaug.resume.sampler_kind` says
+        what to change).
+        """
+        kind = sampler_kind(self.sampler, self._item_sampler.iterator)
+        position, current = None, self._pass
+        if current is not None and not current.finished:
+            position = {"epoch": current.epoch, "batches_in_epoch": current.delivered,
+                        "rng": {"coins": current.coins_state, "params": current.params.get_state()},
+                        "sampler": {"kind": kind,
+                                    "generator": current.sampler_generator if kind == "generator" else None,
+                                    "state": current.sampler_state if kind == "stateful" else None}}
+        elif self._pending is not None:  # loaded and not resumed yet: the same position again
+            position = self._pending
+        stats = self._local_stats()
+        return {"version": STATE_VERSION, "settings": self._resume_settings(), "epoch": self.epoch,
+                "epoch_chosen": self._epoch_chosen, "position": position, "counts": dict(self._counts),
+                "pool_counters": {key: stats[key] for key in _POOL_COUNTERS}, "rejected": dict(stats["rejected"]),
+                "monitor": self._monitor.state_dict(), "only_misses_logged": self._only_misses_logged}
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Continue from :meth:`state_dict` of a loader with the same settings: the next pass resumes the saved
+        epoch from the batch after the last one handed out (later passes proceed as usual), and :meth:`stats`
+        continues from the saved counters. Call it before iterating."""
+        if not isinstance(state_dict, Mapping) or "version" not in state_dict or "settings" not in state_dict:
+            raise TypeError(f"load_state_dict takes what OnlineGenAugLoader.state_dict() returned, got "
+                            f"{type(state_dict).__name__}")
+        if state_dict["version"] != STATE_VERSION:
+            raise ValueError(f"this state has format version {state_dict['version']}; this onlineaug reads "
+                             f"version {STATE_VERSION}")
+        check_settings(state_dict["settings"], self._resume_settings())
+        position = state_dict["position"]
+        if position is not None and position["sampler"]["kind"] == "generator" and \
+                not isinstance(getattr(self.sampler, "generator", None), torch.Generator):
+            raise ValueError(f"this state saved the generator of the sampler; this loader's "
+                             f"{type(self.sampler).__name__} has none")
+        self._monitor.load_state_dict(state_dict["monitor"])  # first: it checks the number of classes
+        self._counts = {key: int(state_dict["counts"][key]) for key in self._counts}
+        # stats() = this run's pool counters + carried: carried makes them the saved ones now
+        live = self._pool_stats() if self.pool is not None else {"rejected": {}, **dict.fromkeys(_POOL_COUNTERS, 0)}
+        self._carried = {key: int(state_dict["pool_counters"][key]) - live[key] for key in _POOL_COUNTERS}
+        self._carried_rejected = {reason: int(count) - live["rejected"].get(reason, 0)
+                                  for reason, count in state_dict["rejected"].items()}
+        self._only_misses_logged = bool(state_dict["only_misses_logged"])
+        self._pass, self._pending = None, None
+        if position is not None:
+            self.set_epoch(position["epoch"])
+            self._pending = dict(position)
+        else:
+            self.set_epoch(state_dict["epoch"])
+            self._epoch_chosen = bool(state_dict["epoch_chosen"])
 
     def _transform_and_normalise(self, images: torch.Tensor, step: int) -> torch.Tensor:
         """``batch_transforms`` on the mixed [0, 1] batch (global RNG seeded per batch), then normalisation."""
@@ -739,6 +924,9 @@ class OnlineGenAugLoader:
         counts = dict(self._counts)
         served = counts["real"] + counts["generated"]
         counts["generated_share"] = counts["generated"] / served if served else 0.0
+        counts["generated_per_class"] = self._monitor.generated_per_class.tolist()  # by the served sample's label
+        counts["miss_rate"] = self._monitor.miss_rate()  # over the last miss_window batches
+        counts["mean_serves"] = counts["generated"] / counts["fresh"] if counts["fresh"] else 0.0
         if self.pool is not None:
             counts.update(self._pool_stats())
         elif self._last_pool_stats is not None:
@@ -747,22 +935,49 @@ class OnlineGenAugLoader:
             counts.update(pool_ready=0, pool_size=self.pool_size if self.generative else 0, produced=0,
                           torn_reads=0, rejected={}, producer_restarts=0, producer_hangs=0, gen_images_per_s=0.0,
                           from_store=0)
+        for key in _POOL_COUNTERS:  # a resumed loader continues from the saved run's counters
+            counts[key] += self._carried[key]
+        if self._carried_rejected:
+            counts["rejected"] = {reason: counts["rejected"].get(reason, 0) + self._carried_rejected.get(reason, 0)
+                                  for reason in {*counts["rejected"], *self._carried_rejected}}
+        counts["store_samples"], counts["store_bytes"] = self._store_size()
         return counts
+
+    def _store_size(self) -> tuple[int, int]:
+        """Samples and bytes in the sample store's complete shards (0, 0 without one); each shard is read once."""
+        if self.store_dir is None:
+            return 0, 0
+        shards = SampleStore(self.store_dir, {}).shards()
+        samples = size = 0
+        for shard in shards:
+            try:
+                if shard not in self._store_counts:
+                    self._store_counts[shard] = shard_samples(shard)
+                size += os.path.getsize(shard)
+            except FileNotFoundError:  # removed by hand meanwhile
+                continue
+            samples += self._store_counts[shard]
+        return samples, size
 
 
 def _summed_over_ranks(counts: dict) -> dict:
     """``counts`` (numbers, and the ``rejected`` dict of numbers) summed over the ranks; the same keys on every
     rank, as every rank runs the same recipe."""
     rejected = counts.get("rejected", {})
-    keys = sorted(k for k, v in counts.items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "generated_share")
+    keys = sorted(k for k, v in counts.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                  and k not in ("generated_share", "mean_serves", "miss_rate", "store_samples", "store_bytes"))
     reasons = sorted(rejected)
-    sums = distributed.sum_over_ranks([counts[k] for k in keys] + [rejected[r] for r in reasons])
-    out = dict(counts)  # anything not a number stays this rank's
+    per_class = counts["generated_per_class"]
+    sums = distributed.sum_over_ranks([counts[k] for k in keys] + [rejected[r] for r in reasons] + per_class
+                                      + [counts["miss_rate"], 1])
+    out = dict(counts)  # anything not a number stays this rank's (the store is shared: its size is not summed)
     out.update({k: (int(round(v)) if isinstance(counts[k], int) else v) for k, v in zip(keys, sums)})
     out["rejected"] = {r: int(round(v)) for r, v in zip(reasons, sums[len(keys):])}
+    out["generated_per_class"] = [int(round(v)) for v in sums[len(keys) + len(reasons):-2]]
+    out["miss_rate"] = sums[-2] / sums[-1]  # the mean over ranks
     served = out["real"] + out["generated"]
     out["generated_share"] = out["generated"] / served if served else 0.0
+    out["mean_serves"] = out["generated"] / out["fresh"] if out["fresh"] else 0.0
     return out
 
 

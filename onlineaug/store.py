@@ -126,11 +126,7 @@ class SampleStore:
         return read_shard(path, self.fields)
 
     def num_samples(self) -> int:
-        total = 0
-        for shard in self.shards():
-            with tarfile.open(shard) as tar:
-                total += sum(1 for m in tar.getmembers() if m.name.endswith(".json"))
-        return total
+        return sum(shard_samples(shard) for shard in self.shards())
 
     def size_bytes(self) -> int:
         return sum(os.path.getsize(s) for s in self.shards())
@@ -155,6 +151,12 @@ class SampleStore:
         if not parts:
             return {name: np.zeros((0, *f.shape), dtype=f.dtype) for name, f in self.fields.items()}
         return {name: np.concatenate([p[name] for p in parts]) for name in self.fields}
+
+
+def shard_samples(path: str) -> int:
+    """The samples in one shard (its ``.json`` members; only the tar headers are read)."""
+    with tarfile.open(path) as tar:
+        return sum(1 for m in tar.getmembers() if m.name.endswith(".json"))
 
 
 def allowed_rows(index: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
@@ -407,4 +409,4 @@ class StoreFeeder:
 
 
 __all__ = ["DEFAULT_SHARD_SIZE", "FORMAT", "POLICIES", "SampleStore", "ShardWriter", "StoreFeeder", "allowed_rows",
-           "read_shard", "store_key", "store_path", "sweep_temporary"]
+           "read_shard", "shard_samples", "store_key", "store_path", "sweep_temporary"]

@@ -422,3 +422,22 @@ def test_overhead_host_only(tmp_path, capsys):
     assert "| onlineaug genmix |" in md.read_text() and "target: onlineaug none" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--host-only times the loader's host work on the CPU"):
         overhead.main(["--host-only", "--device", "cuda"])
+
+
+def test_store_write_times_the_shard_writer_on_the_recipes_payload(tmp_path, capsys):
+    from benchmarks import store_write
+
+    md = tmp_path / "RESULTS.md"
+    result = store_write.main(["--quick", "--dir", str(tmp_path / "stores"), "--shard-size", "4", "--out",
+                               str(tmp_path), "--results-md", str(md)])
+    data = json.loads((tmp_path / "store_write.json").read_text())
+    _check_environment(data)
+    (row,) = data["rows"]
+    # GenMix at 32 px: original and edit (3 x 32 x 32 uint8 each) and three int64 scalars
+    assert row["image_size"] == 32 and row["payload_bytes"] == 2 * 3 * 32 * 32 + 3 * 8
+    assert row["written_bytes_per_sample"] > row["payload_bytes"]  # tar headers, .npy headers and the .json
+    assert row["shards_per_run"] == 16 // 4 and 0 < row["min_ms_per_sample"] <= row["median_ms_per_sample"]
+    assert row["mb_per_s"] == pytest.approx(row["written_bytes_per_sample"] / row["median_ms_per_sample"] / 1e3)
+    assert list((tmp_path / "stores").iterdir()) == []  # each run's store is removed
+    assert "| 32 |" in md.read_text() and result["settings"]["samples"] == 16
+    assert "sample store writes: genmix payload" in capsys.readouterr().out

@@ -614,7 +614,7 @@ def test_the_demo_runs_with_diffcoremix_and_writes_its_preview(tmp_path, capsys)
     out = tmp_path / "demo"
     assert main(["demo", "--recipe", "diffcoremix", "--steps", "2", "--batch-size", "8", "--image-size", "32",
                  "--length", "48", "--num-classes", "3", "--warmup", "2", "--pool-size", "8", "--num-workers", "0",
-                 "--num-inference-steps", "2", "--out", str(out), "--no-progress"]) == 0
+                 "--num-inference-steps", "2", "--out", str(out), "--no-progress", "--no-cache"]) == 0
     assert "online diffcoremix steps/s" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["recipe"]["name"] == "diffcoremix" and metrics["loader_stats"]["produced"] >= 2

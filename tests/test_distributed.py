@@ -167,6 +167,14 @@ def check_sums(per_rank: list[dict], reduced: dict) -> None:
         elif key == "generated_share":
             served = reduced["real"] + reduced["generated"]
             assert value == pytest.approx(reduced["generated"] / served)
+        elif key == "generated_per_class":
+            assert value == [sum(counts) for counts in zip(*(s[key] for s in per_rank))]
+        elif key == "mean_serves":
+            assert value == pytest.approx(reduced["generated"] / reduced["fresh"] if reduced["fresh"] else 0.0)
+        elif key == "miss_rate":  # a rate: the mean over the ranks
+            assert value == pytest.approx(sum(s[key] for s in per_rank) / len(per_rank))
+        elif key in ("store_samples", "store_bytes"):  # one store for all ranks: its size, not a sum
+            assert value in {s[key] for s in per_rank}
         else:
             assert value == pytest.approx(sum(s[key] for s in per_rank)), key
 

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 BLOCK = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+# ```py blocks need packages the tests do not install (tensorboard, wandb): they are compiled, not run
+COMPILED_ONLY = re.compile(r"^```py\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 
 
 def python_blocks() -> list[tuple[str, str]]:
@@ -31,8 +33,23 @@ BLOCKS = python_blocks()
 
 
 def test_the_readme_has_the_blocks_these_tests_check():
-    assert [heading for heading, _ in BLOCKS] == ["Use", "Augmenting the mixed batch on the GPU",
+    assert [heading for heading, _ in BLOCKS] == ["Use", "Metrics and resuming from a checkpoint",
+                                                  "Augmenting the mixed batch on the GPU",
                                                   "Choosing generator and trainer GPUs"]
+
+
+def test_the_metrics_logger_lines_compile_and_define_the_log_fn_the_loader_takes():
+    import inspect
+
+    from onlineaug import OnlineGenAugLoader
+
+    blocks = COMPILED_ONLY.findall(README.read_text(encoding="utf-8"))
+    assert len(blocks) == 2 and "SummaryWriter" in blocks[0] and "wandb.log" in blocks[1]
+    for code in blocks:
+        assert len(code.strip().splitlines()) == 3  # three lines each, as the README says
+        compile(code, "README.md", "exec")
+        assert "log_fn = lambda stats, step:" in code and "flat_stats(stats)" in code
+    assert {"log_every", "log_fn"} <= set(inspect.signature(OnlineGenAugLoader).parameters)
 
 
 def run_block(code: str, tmp_path: Path) -> tuple[str, float]:
@@ -64,6 +81,9 @@ def test_readme_block_runs_as_written(code, tmp_path):
         generated, served, misses = map(int, re.search(r"generated (\d+) of (\d+) samples, (\d+) misses", out).groups())
         assert served == 2 * (256 // 32) * 32 and generated > 0
         assert float(re.search(r"final loss ([\d.]+)", out).group(1)) > 0
+    elif heading == "Metrics and resuming from a checkpoint":  # 8 batches: 3 before the stop, 5 after
+        assert out.splitlines() == ["step 4: 128 real samples served", "step 8: 256 real samples served",
+                                    "5 of 8 batches after the restart, 8 served in all"]
     elif heading == "Augmenting the mixed batch on the GPU":
         assert out.splitlines() == [
             "torchvision: images (32, 3, 32, 32) on cpu, targets (32, 10) summing to 1.00",

@@ -133,6 +133,23 @@ def test_read_policy_serves_only_stored_samples_with_no_producer(store, shapes):
     assert stats["generated"] == len(served) and stats["from_store"] >= 4
 
 
+def test_stats_report_the_stores_size_and_what_was_served_per_class(store, shapes):
+    cache, path = store
+    loader = make_loader(shapes, cache, store_policy="read", p_aug=1.0, return_info=True, max_reuse=8)
+    per_class = [0] * 4
+    with loader:
+        for _, _, info in loader:
+            for label in info["label"][info["generated"]].tolist():
+                per_class[label] += 1
+        stats = loader.stats()
+    shards = SampleStore(path, {}).shards()
+    assert stats["store_samples"] == STORED and stats["store_bytes"] == sum(os.path.getsize(s) for s in shards)
+    assert stats["generated_per_class"] == per_class and sum(per_class) == stats["generated"] > 0
+    assert stats["mean_serves"] == pytest.approx(stats["generated"] / stats["fresh"])
+    assert 1 <= stats["mean_serves"] <= 8  # max_reuse
+    assert make_loader(shapes, None).stats()["store_samples"] == 0  # no cache_dir, no store
+
+
 def test_other_settings_never_read_this_store(store, shapes):
     cache, path = store
     assert make_loader(shapes, cache).store_dir == path  # the same settings: the same store
