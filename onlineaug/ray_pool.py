@@ -43,6 +43,7 @@ import threading
 import time
 import uuid
 import warnings
+import weakref
 
 import numpy as np
 
@@ -250,6 +251,9 @@ class RayFeeder:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="onlineaug-ray-feeder")
+        # Made after the pool, so at interpreter exit it runs before the pool's own finalizer unmaps the segments
+        # (weakref finalizers run newest first): the thread never writes into memory that is gone.
+        self._halt = weakref.finalize(self._stop, _halt, self._stop, self._thread)
         self.error: BaseException | None = None
         self.failure: str | None = None
         self.jobs_done = 0
@@ -271,9 +275,7 @@ class RayFeeder:
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10.0)
+        self._halt()
         self._in_flight.clear()  # dropping the refs frees their results
 
     def poll(self) -> None:
@@ -367,6 +369,14 @@ class RayFeeder:
             if name in pool.counters:
                 pool.counters[name][0] += int(total) - seen.get(name, 0)
                 seen[name] = int(total)
+
+
+def _halt(stop: threading.Event, thread: threading.Thread) -> None:
+    stop.set()
+    if thread.is_alive() and thread is not threading.current_thread():
+        thread.join(timeout=10.0)
+    if thread.is_alive():  # stuck in Ray (a cluster gone): the pool must not be unmapped under it
+        raise RuntimeError("the Ray feeder thread did not stop within 10 s")
 
 
 # ---------------------------------------------------------------------------------------- one loader's use

@@ -80,6 +80,7 @@ def serve(loader, iterators, key):
     return batch
 
 
+@pytest.mark.slow
 def test_two_loaders_share_two_actors_survive_a_killed_actor_and_leave_nothing(cluster, shapes):
     shards = [np.arange(0, 32), np.arange(32, 64)]
     loaders = [OnlineGenAugLoader(shapes, batch_size=8, p_aug=1.0, pool_size=8, max_reuse=4, seed=0, warmup=2,
@@ -119,7 +120,7 @@ def test_two_loaders_share_two_actors_survive_a_killed_actor_and_leave_nothing(c
 
     # an actor killed mid-run is restarted by Ray and counted, while both loaders keep serving batches
     os.kill(infos[0]["pid"], signal.SIGKILL)
-    served, deadline = 0, time.monotonic() + 90
+    served, deadline = 0, time.monotonic() + 300  # a new worker process imports torch and rebuilds the generator
     while sum(loader.stats()["producer_restarts"] for loader in loaders) == 0:
         assert time.monotonic() < deadline, [loader.stats() for loader in loaders]
         take(0)
