@@ -26,6 +26,12 @@ serves, pool misses and producer output over the timed windows.
     python benchmarks/overhead.py --quick                      # CPU smoke test (small CNN, tiny generator)
     python benchmarks/overhead.py --device cuda:0 --generator-device cuda:1     # ResNet-50, batch 256, AMP
     python benchmarks/overhead.py --host-only        # the loader's host work per batch vs a plain DataLoader (CPU)
+    python benchmarks/overhead.py --quick --recipes genmix --producers local ray   # + Ray actors (a local cluster)
+
+``--producers ray`` adds, per generative recipe, a run whose producers are Ray actors (``producers="ray"``, one
+per ``--generator-device``, on a local Ray cluster this script starts unless one is running): the trainer then
+also runs the feeder thread that fetches their payloads and writes them into its pool. Its row reports that
+thread's time per training step (``feeder ms/step``) beside the local producers' run, which has no such thread.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ BASELINE_NAMES = {"tv-cutmix": "torchvision CutMix", "tv-mixup": "torchvision Mi
 MODELS = ("resnet50", "resnet18", "small-cnn")
 TARGET_A_O = 0.02  # online GenMix, ResNet-50, batch 256, 224 px, AMP, producer off the trainer GPU
 WINDOW_COUNTERS = ("real", "generated", "misses", "fresh", "reused", "produced", "torn_reads")
+PRODUCER_KINDS = ("local", "ray")
 
 # --quick: the CPU smoke settings, about a minute on 2 cores.
 QUICK = {"model": "small-cnn", "steps": 20, "warmup_steps": 3, "batch_size": 32, "image_size": 32, "pool_size": 64,
@@ -139,6 +146,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--num-inference-steps", type=int, default=None,
                         help="default: 2 with the tiny generator, the recipe's otherwise")
     parser.add_argument("--generator-batch-size", type=int, default=4)
+    parser.add_argument("--producers", nargs="+", choices=PRODUCER_KINDS, default=["local"],
+                        help="where generative recipes' producers run: local processes and/or Ray actors (one run "
+                             "each; default local)")
     parser.add_argument("--compile-unet", action="store_true", help="torch.compile the producers' UNet")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="DataLoader workers (default: min(8, CPUs - 4) on CUDA, 0 with --quick)")
@@ -216,6 +226,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         "generation_size": args.generation_size or (image_size if tiny else None),
         "num_inference_steps": args.num_inference_steps or (quick.get("num_inference_steps", 2) if tiny else None),
         "generator_batch_size": args.generator_batch_size,
+        "producers": list(dict.fromkeys(args.producers)),
         "compile_unet": bool(args.compile_unet),
         "num_workers": num_workers,
         "cache_images": args.cache_images or quick.get("cache_images", 512),
@@ -329,19 +340,37 @@ def baseline_mixer(name: str, num_classes: int):
     return lambda images, labels: mixup(images, labels)
 
 
-def online_provider(recipe: str, dataset, settings: dict, device: torch.device) -> Provider:
+def ray_arguments(settings: dict) -> dict:
+    """The loader arguments of a ``--producers ray`` run: one actor per generator device, started on a local Ray
+    cluster (this machine's cores and GPUs) unless ``ray.init`` ran already."""
+    import ray
+
+    gpus = [d for d in settings["generator_devices"] if d.startswith("cuda")]
+    if not ray.is_initialized():
+        root = str(Path(__file__).resolve().parents[1])  # the actors import onlineaug and benchmarks from here
+        ray.init(num_cpus=max(1, len(settings["generator_devices"]) - len(gpus)), num_gpus=len(gpus),
+                 include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+                                           "OMP_NUM_THREADS": str(settings["threads"] or 1)}})
+    options = {"num_gpus": 1} if gpus else {"num_gpus": 0, "num_cpus": 1}
+    return {"producers": "ray", "ray_actors": len(settings["generator_devices"]), "ray_actor_options": options}
+
+
+def online_provider(recipe: str, dataset, settings: dict, device: torch.device, producers: str = "local") -> Provider:
     """``OnlineGenAugLoader`` for ``recipe``; for generative recipes the pool is filled before returning."""
     from onlineaug import OnlineGenAugLoader
     from onlineaug.recipes import get_recipe
 
     generative = get_recipe(recipe).generative
+    where = {"generator_devices": settings["generator_devices"] if generative else ()}
+    if producers == "ray":
+        where = ray_arguments(settings)
     options = {}
     if generative and settings["num_inference_steps"]:
         options["num_inference_steps"] = settings["num_inference_steps"]
     loader = OnlineGenAugLoader(
         dataset, recipe=recipe, num_classes=settings["num_classes"], batch_size=settings["batch_size"],
-        image_size=settings["image_size"], generator=settings["generator"], device=device,
-        generator_devices=settings["generator_devices"] if generative else (),
+        image_size=settings["image_size"], generator=settings["generator"], device=device, **where,
         p_aug=settings["p_aug"] if generative else settings["mix_p"], pool_size=settings["pool_size"],
         max_reuse=settings["max_reuse"], num_workers=settings["num_workers"], seed=settings["seed"], drop_last=True,
         generation_size=settings["generation_size"] if generative else None, recipe_options=options,
@@ -358,7 +387,9 @@ def online_provider(recipe: str, dataset, settings: dict, device: torch.device) 
         raise
 
     def stats():
-        return {**loader.stats(), "pool_warmup_seconds": warmup_seconds}
+        ray = loader.ray_producers  # the feeder thread's time: fetching payloads and writing them into the pool
+        feeder = {"feeder_ns": ray.feeder.collect_ns, "feeder_jobs": ray.feeder.jobs_done} if ray else {}
+        return {**loader.stats(), "pool_warmup_seconds": warmup_seconds, **feeder}
 
     iterator = _cycle(loader)
 
@@ -366,7 +397,8 @@ def online_provider(recipe: str, dataset, settings: dict, device: torch.device) 
         iterator.close()
         loader.close()
 
-    return Provider(f"onlineaug {recipe}", "onlineaug", iterator, stats=stats, close=close, loader=loader)
+    name = f"onlineaug {recipe}" + (" (ray)" if producers == "ray" else "")
+    return Provider(name, "onlineaug", iterator, stats=stats, close=close, loader=loader)
 
 
 # ------------------------------------------------------------------------------------------------- train
@@ -424,6 +456,9 @@ def train(provider: Provider, settings: dict, device: torch.device) -> dict:
                    producer_images_per_s=window["produced"] / seconds, pool_ready_at_start=before.get("pool_ready"),
                    pool_ready_at_end=after.get("pool_ready"), pool_warmup_seconds=after.get("pool_warmup_seconds"),
                    producer_restarts=after.get("producer_restarts"))
+        if "feeder_ns" in after:  # producers="ray": the feeder thread's work over the timed window
+            row.update(feeder_ms_per_step=(after["feeder_ns"] - before["feeder_ns"]) / 1e6 / steps,
+                       feeder_jobs=after["feeder_jobs"] - before["feeder_jobs"])
     return row
 
 
@@ -461,6 +496,9 @@ def combine_runs(runs: list[dict], settings: dict) -> dict:
                    producer_images_per_s=window["produced"] / sum(seconds),
                    pool_ready_at_end=runs[-1]["pool_ready_at_end"],
                    producer_restarts=sum(int(r["producer_restarts"] or 0) for r in runs))
+    if runs[0].get("feeder_ms_per_step") is not None:
+        row.update(feeder_ms_per_step=sum(r["feeder_ms_per_step"] for r in runs) / len(runs),
+                   feeder_jobs=sum(r["feeder_jobs"] for r in runs))
     if row["gpu_seconds"] is not None:
         row["gpu_seconds"] = sum(r["gpu_seconds"] for r in runs) / len(runs)
     return row
@@ -498,8 +536,15 @@ def _benchmark(settings: dict, progress: bool) -> dict:
         f"{', '.join(settings['generator_devices'])}")
 
     plan = [("vanilla", lambda: vanilla_provider(dataset, settings, device))]
+    from onlineaug.recipes import get_recipe
+
     for recipe in settings["recipes"]:
         plan.append((f"onlineaug {recipe}", lambda recipe=recipe: online_provider(recipe, dataset, settings, device)))
+        if "ray" in settings["producers"] and get_recipe(recipe).generative:
+            plan.append((f"onlineaug {recipe} (ray)", lambda recipe=recipe: online_provider(
+                recipe, dataset, settings, device, producers="ray")))
+        if "local" not in settings["producers"] and get_recipe(recipe).generative:
+            plan.pop(-2)  # --producers ray alone
     for name in settings["baselines"]:
         plan.append((BASELINE_NAMES[name], lambda name=name: vanilla_provider(
             dataset, settings, device, name=BASELINE_NAMES[name], kind=name.split("-")[0],
@@ -565,7 +610,7 @@ def _benchmark(settings: dict, progress: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------------ report
 TABLE_COLUMNS = ("provider", "steps/s", "images/s", "A_O", "vs noise", "runs (s)", "loader wait ms/step",
-                 "generated share", "fresh", "reused", "misses", "produced")
+                 "generated share", "fresh", "reused", "misses", "produced", "feeder ms/step")
 
 
 def noise_verdict(row: dict) -> str:
@@ -579,8 +624,8 @@ def noise_verdict(row: dict) -> str:
 def table_rows(result: dict) -> list[list]:
     return [[r["provider"], r["steps_per_s"], r["images_per_s"], common.format_percent(r["A_O"], signed=True),
              noise_verdict(r), " ".join(f"{t:.3g}" for t in r["runs_seconds"]), r["loader_wait_ms_per_step"],
-             common.format_percent(r["generated_share"]), r["fresh"], r["reused"], r["misses"], r["produced"]]
-            for r in result["providers"]]
+             common.format_percent(r["generated_share"]), r["fresh"], r["reused"], r["misses"], r["produced"],
+             r.get("feeder_ms_per_step")] for r in result["providers"]]
 
 
 def noise_line(result: dict) -> str:

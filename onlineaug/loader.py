@@ -65,7 +65,8 @@ _POOL_COUNTERS = ("produced", "torn_reads", "producer_restarts", "producer_hangs
 # Loader arguments that only matter to recipes that generate, with their defaults (for the "ignored" log line).
 _GENERATION_ARGUMENTS = {"generator": "tiny", "models": None, "generation_size": None, "warmup": 0,
                          "generator_batch_size": 4, "compile_unet": False, "load_policy": None,
-                         "generator_devices": ("cpu",)}
+                         "generator_devices": ("cpu",), "producers": "local"}
+PRODUCER_KINDS = ("local", "ray")
 
 
 class _Resources:
@@ -76,6 +77,7 @@ class _Resources:
         self.sources: SharedSources | None = None
         self.producers: ProducerGroup | None = None
         self.feeder: StoreFeeder | None = None  # store_policy="read": refills the pool from the sample store
+        self.ray = None  # producers="ray": the Ray actors' feeder (onlineaug.ray_pool.RayProducers)
         self.report_dir: str | None = None
         self.dataloader: DataLoader | None = None
 
@@ -86,6 +88,9 @@ class _Resources:
         if self.feeder is not None:
             self.feeder.stop()
             self.feeder = None
+        if self.ray is not None:
+            self.ray.stop()
+            self.ray = None
         for name in ("pool", "sources"):
             if getattr(self, name) is not None:
                 getattr(self, name).close()
@@ -178,6 +183,20 @@ class OnlineGenAugLoader:
         generator_devices: one producer process per entry (e.g. ``["cuda:1", "cuda:2"]``). Under ``torchrun``:
             ``"auto"`` (the node's GPUs no trainer uses, dealt round-robin among the local ranks), or a list per
             local rank, as a dict ``{local_rank: [...]}`` or a callable ``local_rank -> [...]``.
+        producers: where producers run. ``"local"``: one process per ``generator_devices`` entry on this node.
+            ``"ray"``: ``ray_actors`` Ray actors anywhere in a Ray cluster (``ray_address``, or the cluster of an
+            existing ``ray.init``), running the same producer code; a feeder thread writes what they make into this
+            process's pool, so batches never wait on the network. Actors are shared by every loader of one
+            ``ray_group`` (by default the ranks of one ``torchrun`` job): any actor serves any rank, each from its
+            own shard. Needs ``pip install "onlineaug[ray]"``; see :mod:`onlineaug.ray_pool`.
+        ray_address: the Ray cluster to connect to when Ray is not initialised yet (None: ``RAY_ADDRESS`` or a
+            new local cluster).
+        ray_actors: producer actors in the group (one per generator GPU; ``python -m onlineaug plan`` says how
+            many).
+        ray_actor_options: Ray options of each actor (default ``{"num_gpus": 1}``; ``{"num_gpus": 0,
+            "num_cpus": 1}`` generates on CPUs).
+        ray_group: the name under which loaders share actors (default: the ``torchrun`` run id; outside
+            ``torchrun`` a loader has its own).
         allow_shared_generator_devices: let two trainer ranks of a node generate on the same GPU (each loads its
             own models there); without it that is an error.
         p_aug: per-sample probability of serving a generated sample (or, for CutMix/Mixup, of mixing).
@@ -269,7 +288,9 @@ class OnlineGenAugLoader:
                  image_key: str = "image", label_key: str = "label", allow_shared_generator_devices: bool = False,
                  batch_transforms=None, store_policy: str = "readwrite", store_shard_size: int = 64,
                  miss_window: int = 50, warn_miss_rate: float | None = 0.5, log_every: int = 0,
-                 log_fn: Callable[[dict, int], None] | None = None):
+                 log_fn: Callable[[dict, int], None] | None = None,
+                 producers: str = "local", ray_address: str | None = None, ray_actors: int = 1,
+                 ray_actor_options: Mapping | None = None, ray_group: str | None = None):
         check = _CHECK
         if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
             raise TypeError(f"dataset must be a map-style dataset (with __getitem__ and __len__), got "
@@ -312,6 +333,13 @@ class OnlineGenAugLoader:
         self.batch_transforms = batch_transforms
         self.store_policy = check.choice("store_policy", store_policy, STORE_POLICIES)
         self.store_shard_size = check.integer("store_shard_size", store_shard_size, low=1)
+        self.producer_kind = check.choice("producers", producers, PRODUCER_KINDS)
+        self.ray_address, self.ray_group = ray_address, ray_group
+        self.ray_actors = check.integer("ray_actors", ray_actors, low=1)
+        if ray_actor_options is not None and not isinstance(ray_actor_options, Mapping):
+            check._fail(TypeError, "ray_actor_options", ray_actor_options, 'a dict of Ray actor options, e.g. '
+                        '{"num_gpus": 1}')
+        self.ray_actor_options = None if ray_actor_options is None else dict(ray_actor_options)
         if self.store_policy == "read" and self.cache_dir is None:
             raise ValueError("store_policy='read' serves samples from the sample store under cache_dir: pass "
                              "cache_dir (the folder given to the run or `python -m onlineaug generate` that made it)")
@@ -345,20 +373,32 @@ class OnlineGenAugLoader:
                  "generator_batch_size": generator_batch_size, "compile_unet": compile_unet,
                  "load_policy": load_policy,
                  "generator_devices": tuple(generator_devices) if isinstance(generator_devices, (list, tuple))
-                 else generator_devices}
+                 else generator_devices, "producers": self.producer_kind}
+        if self.generative and self.producer_kind == "ray":
+            from onlineaug.ray_pool import import_ray
+
+            import_ray()  # now, not at the first batch: says how to install it
+            if given["generator_devices"] != _GENERATION_ARGUMENTS["generator_devices"]:
+                raise ValueError(f"generator_devices={generator_devices!r} names this node's devices, but with "
+                                 f"producers='ray' the producers are Ray actors: set their number with ray_actors= "
+                                 f"and their resources with ray_actor_options= (e.g. {{'num_gpus': 1}})")
+            self.generator_devices = [f"ray:{i}" for i in range(self.ray_actors)]
         if self.generative:
-            self.generator_devices = self._generator_devices(
-                generator_devices, check.boolean("allow_shared_generator_devices", allow_shared_generator_devices))
+            if self.producer_kind == "local":
+                self.generator_devices = self._generator_devices(
+                    generator_devices, check.boolean("allow_shared_generator_devices", allow_shared_generator_devices))
             if not self.generator_devices:
                 raise ValueError(f"recipe {self.recipe.name!r} needs at least one generator device")
             self.policy = _checked_policy(compile_unet, load_policy)
             self.roles = self.recipe.model_roles()
             self.specs = resolve_models(self.roles, self.recipe.main_role, generator, models)
-            per_producer = self.pool_size // len(self.generator_devices)
+            # slot owners of the local pool: each producer process, or the one Ray feeder
+            owners = len(self.generator_devices) if self.producer_kind == "local" else 1
+            per_producer = self.pool_size // owners
             if self.generator_batch_size > per_producer:
                 raise ValueError(
                     f"generator_batch_size={generator_batch_size} is larger than the {per_producer} pool slots each "
-                    f"producer owns (pool_size={pool_size} over {len(self.generator_devices)} producers): part of "
+                    f"producer owns (pool_size={pool_size} over {owners} producers): part of "
                     f"every generated batch would be thrown away; raise pool_size or lower generator_batch_size")
         else:
             ignored = [f"{k}={v!r}" for k, v in given.items() if v != _GENERATION_ARGUMENTS[k]]
@@ -537,7 +577,8 @@ class OnlineGenAugLoader:
             recipe = self.recipe
             resources.pool = SamplePool.create(
                 recipe.pool_fields(self.image_size), num_slots=self.pool_size,
-                num_producers=1 if self._reads_store_only else len(self.generator_devices), max_reuse=self.max_reuse,
+                num_producers=1 if self._reads_store_only or self.producer_kind == "ray" else len(
+                    self.generator_devices), max_reuse=self.max_reuse,
                 counter_names=counter_names(recipe), backpressure=recipe.serve_match is None)
             resources.sources = SharedSources.create(len(self.dataset))
             sources = self._publish_sources()
@@ -556,6 +597,10 @@ class OnlineGenAugLoader:
                                                       derive_seed(self.seed, "store", self.rank))
             resources.report_dir = make_report_dir()
             settings = self._producer_settings(sources, resources.report_dir)
+            if self.producer_kind == "ray":
+                self._start_ray(settings, sources)
+                self._assembler.pool = resources.pool
+                return self
             threads = producer_threads(_cpu_count(), self._layout.local_world_size,
                                        sum(1 for d in self.generator_devices if d == "cpu"))
             shared = Shared(resources.pool.spec, resources.sources.name, len(self.dataset), resources.report_dir)
@@ -572,6 +617,22 @@ class OnlineGenAugLoader:
             raise
         self._assembler.pool = resources.pool
         return self
+
+    def _start_ray(self, settings: ProducerSettings, sources: SourceSet) -> None:
+        """producers="ray": attach to the group's actors and start the feeder that fills the local pool."""
+        from onlineaug.ray_pool import RayProducers
+        from onlineaug.store import ShardWriter
+
+        writer = None
+        if settings.store_dir is not None:  # the store is written on the trainer's node, by the feeder
+            writer = ShardWriter(settings.store_dir, settings.pool_fields, settings.store_shard_size)
+            settings = dataclasses.replace(settings, store_dir=None)
+        resources = self._resources
+        resources.ray = RayProducers(settings, resources.pool, dataset_fingerprint=fingerprint_bytes(
+            self._dataset_bytes), count=self.ray_actors, actor_options=self.ray_actor_options, group=self.ray_group,
+            address=self.ray_address, max_restarts=self.max_restarts, store_writer=writer)
+        resources.ray.publish_sources(sources.indices, sources.probabilities)
+        resources.ray.start()
 
     def _producer_settings(self, sources: SourceSet, report_dir: str) -> ProducerSettings:
         settings = ProducerSettings(
@@ -600,6 +661,8 @@ class OnlineGenAugLoader:
         fingerprint = sources.fingerprint()
         if fingerprint != self._sources_fingerprint:
             self._resources.sources.publish(sources.indices, sources.probabilities)
+            if self._resources.ray is not None:  # the source set travels with the Ray jobs
+                self._resources.ray.publish_sources(sources.indices, sources.probabilities)
             self._assembler.allowed = sources.allowed_mask(len(self.dataset))
             self._sources_fingerprint = fingerprint
         return sources
@@ -623,6 +686,11 @@ class OnlineGenAugLoader:
     @property
     def producers(self) -> ProducerGroup | None:
         return self._resources.producers
+
+    @property
+    def ray_producers(self):
+        """producers="ray": this loader's :class:`~onlineaug.ray_pool.RayProducers` once started (else None)."""
+        return self._resources.ray
 
     def wait_for_pool(self, count: int, timeout: float | None = None) -> None:
         """Block until the pool holds ``count`` ready generated samples (raising producer failures)."""
@@ -893,6 +961,8 @@ class OnlineGenAugLoader:
             raise RuntimeError("this loader was closed while iterating over it")
         if self.producers is not None:
             self.producers.poll(min_interval_s=0.2)
+        if self._resources.ray is not None:
+            self._resources.ray.poll()
         feeder = self._resources.feeder
         if feeder is not None and feeder.error is not None:
             raise RuntimeError(f"reading the sample store {self.store_dir} failed: {feeder.error}") from feeder.error
@@ -906,7 +976,8 @@ class OnlineGenAugLoader:
         rejected = {reason: int(pool.counters[f"rejected:{reason}"].sum()) for reason in reject_reasons(self.recipe)}
         return {"pool_ready": pool.ready_count(self._assembler.allowed), "pool_size": self.pool_size,
                 "produced": produced, "torn_reads": pool.torn, "rejected": rejected,
-                "producer_restarts": producers.restarts if producers else 0,
+                "producer_restarts": producers.restarts if producers else (
+                    self._resources.ray.restarts if self._resources.ray else 0),
                 "producer_hangs": producers.hangs if producers else 0,
                 "from_store": self._store_loaded + (self._resources.feeder.loaded if self._resources.feeder else 0),
                 "gen_images_per_s": produced / elapsed if elapsed > 0 else 0.0}

@@ -17,6 +17,12 @@ generated sample), with ``T`` trainer GPUs and ``G`` generator GPUs:
   ``--max-gpu-overhead`` (default 1: more generator than trainer GPU-hours), the plan says so and prints these
   settings for fewer GPUs.
 
+Layout (``--gpus-per-node``, ``--trainer-nodes``): the ``G`` generator GPUs fit on the trainer nodes when their
+GPUs that no trainer uses, ``nodes x gpus_per_node - T``, are at least ``G`` and every rank gets its share
+(``torchrun`` with ``generator_devices="auto"``); otherwise they need a Ray pool (``producers="ray"``,
+``ray_actors=G``) with ``ceil((G - free) / gpus_per_node)`` more nodes, or all ``G`` on other nodes. Either
+way each rank's expected fresh rate is ``F / T``.
+
 ``--measure`` measures both rates first on the devices at hand (``benchmarks/generator.py`` for ``R_gen``, the
 vanilla run of ``benchmarks/overhead.py`` for ``R_train``; a source checkout is needed), ``--quick`` with their
 CPU smoke settings.
@@ -160,6 +166,52 @@ def alternatives(result: dict, *, max_gpu_overhead: float = DEFAULT_MAX_GPU_OVER
             for g in sorted(candidates) if 1 <= g < result["generator_gpus"]]
 
 
+def layout(result: dict, *, gpus_per_node: int, trainer_nodes: int = 1) -> dict:
+    """Where the plan's ``G`` generator GPUs go: on the trainer nodes (local producers) or in a Ray pool.
+
+    ``T`` trainer GPUs are spread evenly over ``trainer_nodes`` nodes of ``gpus_per_node`` GPUs; the free ones,
+    ``trainer_nodes x gpus_per_node - T``, take the generators when there are at least ``G`` of them (then
+    ``generator_devices="auto"`` deals them, every local rank at least one). Otherwise the plan needs a Ray pool
+    of ``G`` actors: ``extra_nodes = ceil((G - free) / gpus_per_node)`` more nodes when the trainer nodes join the
+    Ray cluster with their free GPUs.
+    """
+    nodes = _int_at_least("trainer_nodes", trainer_nodes, 1)
+    per_node = _int_at_least("gpus_per_node", gpus_per_node, 1)
+    trainers, gpus = result["trainer_gpus"], result["generator_gpus"]
+    if trainers > nodes * per_node:
+        raise ValueError(f"{trainers} trainer GPUs do not fit on {nodes} node(s) of {per_node} GPUs; raise "
+                         f"--trainer-nodes or --gpus-per-node")
+    ranks_per_node = -(-trainers // nodes)
+    free = nodes * per_node - trainers
+    free_per_rank = (per_node - ranks_per_node) // ranks_per_node  # what "auto" deals each local rank, at least
+    local = gpus == 0 or (gpus <= free and free_per_rank >= 1)
+    extra = 0 if local else -(-(gpus - free) // per_node)
+    return {"trainer_nodes": nodes, "gpus_per_node": per_node, "trainer_ranks_per_node": ranks_per_node,
+            "free_gpus_on_trainer_nodes": free, "generator_gpus": gpus,
+            "producers": "local" if local else "ray", "extra_nodes": extra,
+            "fresh_images_per_s_per_rank": result["fresh_images_per_s"] / trainers}
+
+
+def format_layout(where: dict) -> str:
+    """The recommended layout, with the commands' shape."""
+    w = where
+    fresh = format_value(w["fresh_images_per_s_per_rank"])
+    head = (f"layout: {w['generator_gpus']} generator GPU(s); trainer node(s): {w['trainer_nodes']} x "
+            f"{w['gpus_per_node']} GPUs, {w['trainer_ranks_per_node']} trainer rank(s) each, "
+            f"{w['free_gpus_on_trainer_nodes']} GPU(s) free")
+    if w["generator_gpus"] == 0:
+        return f"{head}\n  no generator GPU needed"
+    if w["producers"] == "local":
+        return "\n".join([head, f"  fits on the trainer node(s): torchrun "
+                          + (f"--nnodes={w['trainer_nodes']} " if w["trainer_nodes"] > 1 else "")
+                          + f"--nproc_per_node={w['trainer_ranks_per_node']} with generator_devices=\"auto\" (local producers)",
+                          f"  expected fresh rate per rank: {fresh} images/s"])
+    return "\n".join([head, f"  does not fit on the trainer node(s): a Ray pool of {w['generator_gpus']} actors "
+                      f"(producers=\"ray\", ray_actors={w['generator_gpus']}), {w['extra_nodes']} more node(s) of "
+                      f"{w['gpus_per_node']} GPUs joined to the Ray cluster with the trainer nodes' free GPUs",
+                      f"  expected fresh rate per rank: {fresh} images/s"])
+
+
 def plan_table(trainer_images_per_s: float, producer_images_per_s: float, *, trainer_gpus: int = 1,
                p_augs=DEFAULT_TABLE_P_AUG, max_reuses=DEFAULT_TABLE_MAX_REUSE) -> list[dict]:
     """:func:`plan` over every (p_aug, max_reuse) pair."""
@@ -259,6 +311,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the generator GPUs at hand: the plan then says what they sustain (the max_reuse that "
                              "keeps --p-aug, the p_aug that --max-reuse allows) (default: computed, "
                              "ceil(needed / R_gen))")
+    parser.add_argument("--gpus-per-node", type=int, default=8, metavar="P",
+                        help="GPUs per node, for the layout: do the generator GPUs fit on the trainer nodes or need a "
+                             "Ray pool")
+    parser.add_argument("--trainer-nodes", type=int, default=1, metavar="N",
+                        help="nodes the trainer GPUs are spread over (the layout)")
     parser.add_argument("--max-gpu-overhead", type=float, default=DEFAULT_MAX_GPU_OVERHEAD, metavar="G/T",
                         help="a computed G / T above this is called impractical and the plan prints what fewer GPUs "
                              "sustain")
@@ -391,13 +448,14 @@ def run_plan(args: argparse.Namespace) -> dict:
                            max_reuses=args.table_max_reuse)
         max_gpu_overhead = _checked_overhead(args.max_gpu_overhead)
         fewer = alternatives(result, max_gpu_overhead=max_gpu_overhead)
+        where = layout(result, gpus_per_node=args.gpus_per_node, trainer_nodes=args.trainer_nodes)
     except (TypeError, ValueError) as error:
         raise SystemExit(f"plan: {error}") from None
 
     settings = {key: value for key, value in vars(args).items() if key not in ("command",)}
     devices = (measured["trainer_device"], measured["generator_device"]) if measured else ()
     output = {"benchmark": "plan", **_environment(*devices), "settings": settings, "plan": result, "table": table,
-              "fewer_generator_gpus": fewer}
+              "fewer_generator_gpus": fewer, "layout": where}
     if measured:
         output["measured"] = {
             "trainer_images_per_s": measured["trainer_images_per_s"], "trainer_device": measured["trainer_device"],
@@ -418,6 +476,7 @@ def run_plan(args: argparse.Namespace) -> dict:
         if genmix is not None:
             print(f"online GenMix on that trainer: A_O {genmix * 100:+.1f}%")
     print(format_plan(result))
+    print(format_layout(where))
     advice = format_advice(result, fewer, max_gpu_overhead)
     if advice:
         print()

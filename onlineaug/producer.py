@@ -12,7 +12,8 @@
 * every payload field must have the pool's shape and dtype.
 
 The same class runs in a local producer process (:mod:`onlineaug.producer_processes`, which writes the rows into
-the shared-memory pool) and could run in any other host process (a Ray actor): it knows nothing of the pool.
+the shared-memory pool) and in a Ray actor (:mod:`onlineaug.ray_pool`, whose payloads a trainer-side feeder writes
+into the pool): it knows nothing of the pool.
 
 Preparation (``recipe.prepare``) runs once per loader: the first producer to need it computes it under a file
 lock and saves it (atomically) where every producer and every restart loads it, and in the on-disk cache when
@@ -109,17 +110,22 @@ class Producer:
     """One producer's models and state; :meth:`step` makes one batch of payload rows."""
 
     def __init__(self, settings: ProducerSettings, *, rank: int, device: str, generation: int = 0,
-                 sources: SourceSet, beat: Callable[[], None] = lambda: None):
+                 sources: SourceSet, beat: Callable[[], None] = lambda: None, models: Mapping | None = None):
+        """``models``: models already loaded by role (a Ray actor that serves several trainer ranks loads them once
+        and runs one Producer per rank on them); None loads them here under ``settings.policy``."""
         self.settings, self.rank, self.generation, self.beat = settings, rank, generation, beat
         self.recipe = settings.recipe
         self.device = torch.device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.models = {role: load_model(settings.roles[role], spec, device=self.device, policy=settings.policy,
-                                        seed=settings.seed, dataset=settings.dataset)
-                       for role, spec in settings.specs.items()}
-        for model in self.models.values():
-            _beat_on_forward(model, beat)
+        if models is None:
+            self.models = {role: load_model(settings.roles[role], spec, device=self.device, policy=settings.policy,
+                                            seed=settings.seed, dataset=settings.dataset)
+                           for role, spec in settings.specs.items()}
+            for model in self.models.values():
+                _beat_on_forward(model, beat)
+        else:
+            self.models = dict(models)
         role = f"trainer{settings.trainer_rank}/producer"  # streams differ by trainer, producer rank and restart
         if settings.store_dir is not None:  # and by the store's size: a later run adds new samples, not copies
             role += f"/store{settings.store_run}"

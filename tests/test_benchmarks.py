@@ -96,6 +96,12 @@ def test_overhead_settings_are_validated():
         overhead.resolve_settings(parse(["--quick", "--warmup", "100", "--pool-size", "16"]))
     settings = overhead.resolve_settings(parse(["--quick", "--device", "cpu"]))
     assert settings["model"] == "small-cnn" and settings["generator_devices"] == ["cpu"]
+    assert settings["producers"] == ["local"]
+    assert overhead.resolve_settings(parse(["--quick", "--producers", "ray", "local", "ray"]))["producers"] == [
+        "ray", "local"]
+    assert overhead.ray_arguments.__doc__ and overhead.PRODUCER_KINDS == ("local", "ray")
+    with pytest.raises(SystemExit):
+        parse(["--producers", "remote"])
 
 
 def test_cached_images_are_not_pickled():

@@ -211,3 +211,35 @@ def test_cli_rejects_a_bad_overhead_budget():
     with pytest.raises(SystemExit, match="max_gpu_overhead"):
         main(["plan", "--trainer-images-per-s", "2500", "--producer-images-per-s", "3", "--max-gpu-overhead", "0",
               "--out", ""])
+
+
+def test_layout_fits_the_generators_on_the_trainer_nodes_or_asks_for_a_ray_pool():
+    from onlineaug.plan import format_layout, layout
+
+    fits = plan(2000, 25, p_aug=0.5, max_reuse=8, trainer_gpus=2, generator_gpus=6)  # 2 + 6 = one 8-GPU node
+    where = layout(fits, gpus_per_node=8)
+    assert where == {"trainer_nodes": 1, "gpus_per_node": 8, "trainer_ranks_per_node": 2,
+                     "free_gpus_on_trainer_nodes": 6, "generator_gpus": 6, "producers": "local", "extra_nodes": 0,
+                     "fresh_images_per_s_per_rank": 75.0}  # 6 x 25 / 2
+    assert 'torchrun --nproc_per_node=2 with generator_devices="auto"' in format_layout(where)
+    needs = plan(2000, 25, p_aug=0.5, max_reuse=8, trainer_gpus=4)  # G = 500 / 25 = 20, 4 free on the node
+    where = layout(needs, gpus_per_node=8)
+    assert (where["producers"], where["extra_nodes"], where["fresh_images_per_s_per_rank"]) == ("ray", 2, 125.0)
+    assert "a Ray pool of 20 actors (producers=\"ray\", ray_actors=20), 2 more node(s)" in format_layout(where)
+    two_nodes = layout(plan(2000, 25, p_aug=0.5, max_reuse=8, trainer_gpus=4, generator_gpus=12), gpus_per_node=8,
+                       trainer_nodes=2)  # 2 ranks per node, 6 free per node
+    assert (two_nodes["producers"], two_nodes["free_gpus_on_trainer_nodes"]) == ("local", 12)
+    assert "torchrun --nnodes=2 --nproc_per_node=2" in format_layout(two_nodes)
+    full = layout(plan(2000, 25, p_aug=0.5, max_reuse=8, trainer_gpus=8, generator_gpus=1), gpus_per_node=8)
+    assert (full["producers"], full["extra_nodes"]) == ("ray", 1)  # no free GPU on the trainer node
+    with pytest.raises(ValueError, match=r"8 trainer GPUs do not fit on 1 node\(s\) of 4 GPUs"):
+        layout(plan(2000, 25, p_aug=0.5, max_reuse=8, trainer_gpus=8), gpus_per_node=4)
+
+
+def test_cli_prints_the_layout(tmp_path, capsys):
+    main(["plan", "--trainer-images-per-s", "2000", "--producer-images-per-s", "25", "--trainer-gpus", "4",
+          "--out", str(tmp_path / "plan.json")])
+    text = capsys.readouterr().out
+    assert "layout: 20 generator GPU(s); trainer node(s): 1 x 8 GPUs, 4 trainer rank(s) each, 4 GPU(s) free" in text
+    assert "expected fresh rate per rank: 125 images/s" in text
+    assert json.loads((tmp_path / "plan.json").read_text())["layout"]["producers"] == "ray"

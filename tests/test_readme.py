@@ -35,7 +35,7 @@ BLOCKS = python_blocks()
 def test_the_readme_has_the_blocks_these_tests_check():
     assert [heading for heading, _ in BLOCKS] == ["Use", "Metrics and resuming from a checkpoint",
                                                   "Augmenting the mixed batch on the GPU",
-                                                  "Choosing generator and trainer GPUs"]
+                                                  "Choosing generator and trainer GPUs", "Multi-GPU and multi-node"]
 
 
 def test_the_metrics_logger_lines_compile_and_define_the_log_fn_the_loader_takes():
@@ -88,6 +88,8 @@ def test_readme_block_runs_as_written(code, tmp_path):
         assert out.splitlines() == [
             "torchvision: images (32, 3, 32, 32) on cpu, targets (32, 10) summing to 1.00",
             "kornia: images (32, 3, 32, 32) on cpu, targets (32, 10) summing to 1.00"]
+    elif heading == "Multi-GPU and multi-node":  # Ray is imported, not started
+        assert out == "16 Ray producer actors, started: False\n"
     else:
         trainer = "cuda:0" if torch.cuda.is_available() else "cpu"
         assert out.startswith(f"trainer on {trainer}, ")
