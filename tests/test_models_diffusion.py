@@ -9,6 +9,9 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -597,3 +600,29 @@ def test_sdxl_in_fp16_decodes_in_fp32():
     out = run(pipe, "text2img", prompts=("a photo of a bird",))
     assert seen == [torch.float32] and pipe.vae.dtype == torch.float16
     assert torch.isfinite(out).all()
+
+
+def test_a_loader_with_random_weights_checks_its_models_without_importing_diffusers():
+    # the training process never runs a pipeline: importing diffusers there would cost seconds for nothing
+    code = ("import sys\n"
+            "from onlineaug import OnlineGenAugLoader\n"
+            "from onlineaug.datasets import SyntheticShapes\n"
+            "OnlineGenAugLoader(SyntheticShapes(num_classes=4, size=16, length=8), recipe='genmix', num_classes=4,\n"
+            "                   batch_size=4, image_size=16, num_workers=0, progress=False)\n"
+            "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_an_unknown_scheduler_name_fails_at_the_check_and_known_settings_are_matched_to_the_class():
+    from onlineaug.models.diffusion_checks import check_scheduler
+
+    with pytest.raises(ValueError, match=r"unknown scheduler 'heun'; expected one of euler_a, euler, ddim, dpm\+\+, "
+                                         r"pndm, edm_euler or None"):
+        check_scheduler("heun", None)
+    assert check_scheduler("edm_euler", {"sigma_max": 120}).__name__ == "EDMEulerScheduler"
+    with pytest.raises(ValueError, match=r"scheduler_config keys \['sigma_maxx'\] are not settings of "
+                                         r"EDMEulerScheduler"):
+        check_scheduler("edm_euler", {"sigma_maxx": 120})

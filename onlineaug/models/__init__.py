@@ -66,7 +66,7 @@ def ensure_available(role_name: str, role: ModelRole, spec: ModelSpec, dataset=N
     ``dataset``: the training dataset (a ``dataset-masks`` segmenter checks that it provides masks).
     """
     if role.kind in DIFFUSION_KINDS:
-        from onlineaug.models.diffusion import ensure_diffusion_available
+        from onlineaug.models.diffusion_checks import ensure_diffusion_available
 
         ensure_diffusion_available(role_name, role, spec)
         return

@@ -33,30 +33,24 @@ import os
 from collections.abc import Mapping
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DiffusionPipeline,
-    DPMSolverMultistepScheduler,
-    EDMEulerScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-)
+from diffusers import DiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from onlineaug.devices import parse_device
+from onlineaug.models.diffusion_checks import (
+    SCHEDULER_CLASS_NAMES,
+    check_scheduler,
+    ensure_diffusion_available,
+    role_architecture,
+    scheduler_class,
+    scheduler_settings,
+    source_and_architecture,
+)
 from onlineaug.models.spec import DIFFUSION_KINDS, LoadPolicy, ModelRole, ModelSpec
 
 logger = logging.getLogger(__name__)
 
-SCHEDULERS = {
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "euler": EulerDiscreteScheduler,
-    "ddim": DDIMScheduler,
-    "dpm++": DPMSolverMultistepScheduler,
-    "pndm": PNDMScheduler,
-    "edm_euler": EDMEulerScheduler,
-}
+SCHEDULERS = {name: scheduler_class(name) for name in SCHEDULER_CLASS_NAMES}
 # Settings a scheduler name implies on top of the stored config (the role's scheduler_config still wins).
 SCHEDULER_DEFAULTS = {"dpm++": {"algorithm_type": "dpmsolver++"}}  # DPM-Solver++ (Lu et al., 2022), as Diff-Mix
 
@@ -96,12 +90,6 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def role_architecture(role: ModelRole, spec: ModelSpec) -> str:
-    """What a random-weight spec builds: the architecture it names (``"tiny-sdxl"``), else the role's."""
-    random = spec.random_weights
-    return (random[1] if random is not None and random[1] is not None else role.architecture) or "sd15"
-
-
 def check_device(device) -> torch.device:
     if str(device) == "meta":
         raise ValueError("device 'meta' cannot run a pipeline; use the build_* functions of "
@@ -110,25 +98,6 @@ def check_device(device) -> torch.device:
 
 
 # ----------------------------------------------------------------------------- schedulers
-
-
-def scheduler_settings(cls) -> list[str]:
-    """The config entries scheduler class ``cls`` takes (its constructor's arguments)."""
-    return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")]
-
-
-def check_scheduler(name: str | None, overrides: Mapping | None, stored: type | None = None) -> type | None:
-    """The scheduler class ``name`` means (``stored`` for None); ``ValueError`` for an unknown name or for
-    ``overrides`` naming a setting that class does not take (with the valid ones). None when not yet known."""
-    if name is not None and name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; expected one of {', '.join(SCHEDULERS)} or None")
-    cls = SCHEDULERS[name] if name is not None else stored
-    if cls is not None:
-        unknown = sorted(set(overrides or {}) - set(scheduler_settings(cls)))
-        if unknown:
-            raise ValueError(f"scheduler_config keys {unknown} are not settings of {cls.__name__}; valid: "
-                             f"{', '.join(scheduler_settings(cls))}")
-    return cls
 
 
 def make_scheduler(current, name: str | None, overrides: Mapping | None = None):
@@ -249,11 +218,6 @@ def _check_vae_upcast(pipe, dtype: torch.dtype) -> bool:
 # ----------------------------------------------------------------------------- roles
 
 
-def _source(role: ModelRole, spec: ModelSpec) -> tuple[str, str]:
-    random = spec.random_weights
-    return (random[0] if random is not None else spec.source), role_architecture(role, spec)
-
-
 def load_diffusion(role: ModelRole, spec: ModelSpec, *, device, policy: LoadPolicy = LoadPolicy(), seed: int = 0,
                    progress: bool = False) -> DiffusionPipeline:
     """The pipeline that fills ``role`` with ``spec``, on ``device`` under ``policy`` (see the module docstring).
@@ -263,7 +227,7 @@ def load_diffusion(role: ModelRole, spec: ModelSpec, *, device, policy: LoadPoli
     if role.kind not in DIFFUSION_KINDS:
         raise ValueError(f"kind {role.kind!r} is not a diffusion kind ({', '.join(DIFFUSION_KINDS)})")
     device = check_device(device)
-    source, architecture = _source(role, spec)
+    source, architecture = source_and_architecture(role, spec)
     dtype = resolve_dtype(policy.dtype, device)
     pipe = build_pipeline(role.kind, source, architecture, device=device, dtype=dtype, seed=seed, progress=progress)
     prepare_pipeline(pipe, device=device, policy=policy, scheduler=role.scheduler,
@@ -274,40 +238,12 @@ def load_diffusion(role: ModelRole, spec: ModelSpec, *, device, policy: LoadPoli
     return pipe
 
 
-def ensure_diffusion_available(role_name: str, role: ModelRole, spec: ModelSpec) -> None:
-    """Raise now what :func:`load_diffusion` would raise for missing or mismatched files (no weights loaded).
-
-    Checks the folder or cached snapshot (a dict ``model_index.json`` naming a Stable Diffusion 1.x or SDXL
-    pipeline, every component the pipeline needs with its config and weight files, a UNet whose input channels
-    fit the kind), the scheduler settings, and that the LoRA and textual-inversion files exist.
-    """
-    from onlineaug.generators.weights import inspect_weights, locate
-    from onlineaug.models.finetuned import lora_file, read_textual_inversion
-
-    source, architecture = _source(role, spec)
-    where = f"models[{role_name!r}]"
-    if source not in ("tiny", "full-random"):
-        inspect_weights(locate(source, role.kind, architecture), role.kind)
-    try:
-        check_scheduler(role.scheduler, role.scheduler_config)
-    except ValueError as error:
-        raise ValueError(f"{where}: {error}") from None
-    # the embedding file is small: parse it now, so a wrong format fails here and not in every producer
-    for check, path, what in ((lora_file, spec.lora, "lora"),
-                              (read_textual_inversion, spec.textual_inversion, "textual_inversion")):
-        if path is not None:
-            try:
-                check(path)
-            except (FileNotFoundError, ValueError) as error:
-                raise type(error)(f"{where}[{what!r}]: {error}") from None
-
-
 def describe_diffusion(role: ModelRole, spec: ModelSpec) -> str:
     """One line for logs: the kind, architecture and source, fine-tuned weights and scheduler (loads nothing)."""
     from onlineaug.generators.tasks import ARCHITECTURE_TITLES, TASK_TITLES
     from onlineaug.generators.weights import describe_weights
 
-    source, architecture = _source(role, spec)
+    source, architecture = source_and_architecture(role, spec)
     title = TASK_TITLES[role.kind]
     if source == "tiny":
         text = f"tiny random-weight {ARCHITECTURE_TITLES[architecture]} {title} (in-process)"
