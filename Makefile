@@ -18,11 +18,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m onlineaug demo
 
+# Two pytest workers (pytest-xdist): most tests wait on producer processes, so two keep two cores busy. A module
+# whose tests share one expensive fixture (a Ray cluster, a torchrun group) stays on one worker (xdist_group).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest tests -q --timeout=600
+	TRITON_INTERPRET=1 $(PY) -m pytest tests -q --timeout=600 -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -m "not slow" --timeout=300
+	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -m "not slow" --timeout=300 -n $(TEST_WORKERS) --dist loadgroup
 
 # Every GPU figure in one command (about 8 minutes on one H100/H200; benchmarks/README.md). No venv is built
 # for it: the GPU machine has no package registry, so it runs with .venv's python if there is one, else python3.

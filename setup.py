@@ -33,7 +33,7 @@ setup(
         # producers="ray": producer actors anywhere in a Ray cluster (onlineaug/ray_pool.py)
         "ray": ["ray>=2.40"],
         # pytorch-lightning: examples/lightning_datamodule.py, run by the tests; ray: tests/test_ray_producers.py
-        "dev": ["pytest>=8", "pytest-timeout>=2", "kornia>=0.7", "timm>=1.0", "torchvision>=0.19",
+        "dev": ["pytest>=8", "pytest-timeout>=2", "pytest-xdist>=3.5", "kornia>=0.7", "timm>=1.0", "torchvision>=0.19",
                 "matplotlib>=3.7", "pytorch-lightning>=2.4", "ray>=2.40"],
     },
     entry_points={"console_scripts": ["onlineaug=onlineaug.__main__:main"]},

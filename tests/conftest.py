@@ -19,6 +19,8 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a slower case (still run in CI)")
+    config.addinivalue_line("markers", "xdist_group(name): run on one pytest-xdist worker with the group's other "
+                                       "tests (they share a module fixture: a Ray cluster, a torchrun group)")
     # Triton binds interpreted or compiled mode when it is first imported: on CPU, choose the
     # interpreter before any test module imports it.
     if not config.getoption("--device").startswith("cuda"):

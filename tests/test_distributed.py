@@ -19,6 +19,7 @@ from onlineaug.devices import assign_generator_devices, producer_threads, shared
 from onlineaug.distributed import Layout, layout
 from onlineaug.producer_processes import DISTRIBUTED_ENV, PRODUCER_ENV, producer_environment
 
+pytestmark = pytest.mark.xdist_group("torchrun")  # one worker runs the module: its fixture is shared
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -22,6 +22,7 @@ from onlineaug.ray_pool import INSTALL_HINT, NAMESPACE
 from onlineaug.recipes import register_recipe
 from onlineaug.recipes.diffusemix import DiffuseMix
 
+pytestmark = pytest.mark.xdist_group("ray")  # one worker runs the module: its fixture is shared
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
 RAY = dict(producers="ray", ray_actors=2, ray_actor_options={"num_gpus": 0, "num_cpus": 1}, generator="tiny",
