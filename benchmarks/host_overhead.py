@@ -8,6 +8,16 @@ the same data plus normalisation and one-hot targets (``plain``), and that batch
 ``CutMix`` / ``MixUp``. The pool is filled by a real producer process (tiny generator) which is then stopped, so
 no generation shares the cores while timing, and ``max_reuse`` is large enough that no generated serve misses.
 
+Like with like: every provider reads the same cached uint8 images through the loader's own item reader with the
+same crop (``--resize``, default ``squash``: a no-op on images already at ``--image-size``, so what is timed is
+the loaders' own host work, not the item crop a real trainer runs in its DataLoader workers), the same batch
+size and one thread. Every provider returns float32 (B, 3, S, S) images normalised as ``(x / 255 - mean) / std``
+with ImageNet's mean and std (``onlineaug.ops.normalize``, the call the recipes make) and float32 (B, K) soft
+targets: ``plain`` normalises and builds one-hot targets; torchvision's ``CutMix``/``MixUp`` get the normalised
+float32 batch (as their docs show) and build their own soft targets; onlineaug's ``cutmix`` pastes its boxes in
+uint8 and then normalises, ``mixup`` normalises and then mixes. torchvision draws one lambda per batch and pairs
+each sample with its neighbour (``roll``); onlineaug draws a lambda, a box and a partner per sample.
+
 Timing: providers are interleaved (run 1 of every provider, then run 2, ...) so that a noisy machine slows them
 alike; each run times ``--batches`` consecutive batches one by one after untimed warm-up batches. Reported per
 provider: the median and the minimum over every timed batch, the fastest batch of each run, and the ratios of the
@@ -30,7 +40,8 @@ RECIPES = ("none", "cutmix", "mixup", "genmix")
 BASELINES = ("tv-cutmix", "tv-mixup")
 TARGET_NONE_RATIO = 1.2
 DEFAULTS = {"batch_size": 64, "image_size": 64, "num_classes": 10, "pool_size": 64, "cache_images": 128,
-            "runs": 2, "batches": 5, "warmup_batches": 2, "threads": 1}
+            "runs": 10, "batches": 10, "warmup_batches": 2, "threads": 1,
+            "resize": "squash"}
 
 
 def resolve_settings(args) -> dict:
@@ -58,6 +69,7 @@ def resolve_settings(args) -> dict:
         "warmup_batches": DEFAULTS["warmup_batches"] if args.warmup_steps is None else args.warmup_steps,
         "threads": args.threads or DEFAULTS["threads"],
         "num_workers": 0, "seed": args.seed,
+        "resize": getattr(args, "resize", None) or DEFAULTS["resize"],
     }
     for name in ("batch_size", "runs", "batches", "pool_size"):
         if settings[name] < 1:
@@ -94,7 +106,7 @@ def _online(recipe: str, dataset, settings: dict) -> HostProvider:
         generator_devices=["cpu"] if generative else (), p_aug=settings["p_aug"] if generative else settings["mix_p"],
         pool_size=settings["pool_size"], max_reuse=max(8, batches_served), num_workers=0, seed=settings["seed"],
         drop_last=True, recipe_options={"num_inference_steps": 1} if generative else None,
-        generator_batch_size=min(4, settings["pool_size"]), progress=False, prefetch=1,
+        resize=settings["resize"], generator_batch_size=min(4, settings["pool_size"]), progress=False, prefetch=1,
         heartbeat_timeout_s=3600.0)
     try:
         if generative:  # fill the pool, then stop the producer: nothing generates while the loader is timed
@@ -155,7 +167,8 @@ def _benchmark(settings: dict, progress: bool) -> dict:
                            length=max(length, settings["cache_images"]), cache=settings["cache_images"],
                            seed=settings["seed"])
     log(f"host-only overhead: batch {settings['batch_size']}, {settings['image_size']} px, {settings['threads']} "
-        f"thread(s), {settings['runs']} interleaved runs of {settings['batches']} batches on {env['device']}")
+        f"thread(s), resize {settings['resize']}, {settings['runs']} interleaved runs of {settings['batches']} batches "
+        f"on {env['device']}")
     providers = make_providers(dataset, settings)
     times = {p.name: [] for p in providers}
     runs = {p.name: [] for p in providers}
@@ -200,6 +213,11 @@ def _benchmark(settings: dict, progress: bool) -> dict:
                                              "theirs_ms": by_name[theirs]["median_ms"],
                                              "met": by_name[ours]["median_ms"] < by_name[theirs]["median_ms"]}
     notes = ["interleaved runs; per-batch wall time of next(batches) on the CPU device, no training step",
+             f"like with like: the same uint8 items, crop resize={settings['resize']}"
+             + (" (a no-op at this size: the loaders' own host work)" if settings["resize"] == "squash" else "")
+             + ", batch and thread count for every provider; every provider returns float32 (B, 3, S, S) "
+               "images normalised (x / 255 - mean) / std once and float32 (B, K) soft targets; torchvision "
+               "mixes the normalised float32 batch (one lambda per batch), onlineaug per sample",
              "genmix: pool filled by a tiny-generator producer process, which is stopped before timing"]
     return {"benchmark": "host_overhead", **env, "settings": settings, "providers": rows, "targets": targets,
             "notes": notes}
@@ -259,7 +277,11 @@ def print_summary(result: dict) -> None:
     print()
     print(f"host-only overhead: batch {s['batch_size']}, {s['image_size']} px, {s['threads']} thread(s), "
           f"{s['runs']} x {s['batches']} batches per provider on {result['device']}")
+    versions = result["versions"]
+    print("versions: " + ", ".join(f"{name} {versions.get(name)}" for name in ("torch", "torchvision", "timm")))
     print(text_table(TABLE_COLUMNS, table_rows(result)))
+    for note in result["notes"]:
+        print(f"note: {note}")
     for name, target in result["targets"].items():
         if name == "none_vs_plain":
             print(f"target: onlineaug none <= {target['max']}x plain: {'met' if target['met'] else 'NOT met'} "

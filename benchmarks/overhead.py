@@ -161,8 +161,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help="time the loader's host work per batch on the CPU device (no training) against a plain "
                              "DataLoader, interleaved (benchmarks/host_overhead.py; default recipes none cutmix "
                              "mixup genmix, baselines tv-cutmix tv-mixup, batch 64, 64 px, one thread)")
-    parser.add_argument("--runs", type=int, default=None, help="--host-only: interleaved runs (default 2)")
-    parser.add_argument("--batches", type=int, default=None, help="--host-only: timed batches per run (default 5)")
+    parser.add_argument("--runs", type=int, default=None, help="--host-only: interleaved runs (default 10)")
+    parser.add_argument("--batches", type=int, default=None, help="--host-only: timed batches per run (default 10)")
+    parser.add_argument("--resize", choices=("squash", "center_crop", "random_resized_crop"), default=None,
+                        help="--host-only: the item crop of every loader (default squash: a no-op on the cached "
+                             "images at --image-size, so only the loaders' own host work is timed)")
     parser.add_argument("--out", default=str(common.RESULTS_DIR), help="folder for the JSON and the PNG")
     parser.add_argument("--results-md", default=str(common.RESULTS_MD),
                         help='RESULTS.md to append to ("" to skip)')
@@ -288,11 +291,14 @@ class Provider:
 
 
 def _plain_loader(dataset, settings: dict, device: torch.device):
-    from onlineaug.images import UInt8ImageDataset
+    """The reference DataLoader: the loader's own item reader (same crop, ``settings["resize"]`` or the loader's
+    default), so that both sides read and crop items alike."""
+    from onlineaug.images import DEFAULT_RESIZE, ItemFormat, UInt8ImageDataset
 
     workers = settings["num_workers"]
+    fmt = ItemFormat(resize=settings.get("resize") or DEFAULT_RESIZE)
     return torch.utils.data.DataLoader(
-        UInt8ImageDataset(dataset, settings["image_size"], settings["num_classes"]),
+        UInt8ImageDataset(dataset, settings["image_size"], settings["num_classes"], fmt, seed=settings["seed"]),
         batch_size=settings["batch_size"], shuffle=True, drop_last=True, num_workers=workers,
         persistent_workers=workers > 0, multiprocessing_context="spawn" if workers > 0 else None,
         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(settings["seed"]))

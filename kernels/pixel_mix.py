@@ -60,12 +60,28 @@ def _pixel_mix_kernel(
     tl.store(out_ptr + b.to(tl.int64) * CHW + offs, val.to(out_ptr.dtype.element_ty), mask=inb)
 
 
-def pixel_mix_reference(images: torch.Tensor, partner: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """Plain-torch twin of :func:`pixel_mix` (no validation)."""
+def pixel_mix_reference(images: torch.Tensor, partner: torch.Tensor, lam: torch.Tensor, *,
+                        inplace: bool = False) -> torch.Tensor:
+    """Plain-torch twin of :func:`pixel_mix` (no validation).
+
+    Written for the CPU, where it is what ``backend="auto"`` runs, and where a fresh (B, C, H, W) float32
+    buffer costs more than the arithmetic (the kernel maps new pages: ~1500 page faults, milliseconds, for a
+    second and third 3 MiB buffer at B=64, 64 px). So the partners are gathered with ``index_select`` (one
+    row copy per sample, where ``images[partner]`` gathers element by element), and without autograd the two
+    products and their sum are formed in place, in the formula's order (``lam * own + (1 - lam) * other``:
+    the same bits): in the float32 copy of non-float32 images, and with ``inplace`` in float32 ``images``
+    itself (the partners are gathered first, so no row is read after it was overwritten).
+    """
     lam_ = lam.to(torch.float32).view(-1, *([1] * (images.dim() - 1)))
-    out = lam_ * images.to(torch.float32) + (1 - lam_) * images[partner].to(torch.float32)
+    own = images.to(torch.float32)
+    other = images.index_select(0, partner).to(torch.float32)
+    if torch.is_grad_enabled() and (images.requires_grad or lam.requires_grad):
+        out = lam_ * own + (1 - lam_) * other
+    else:
+        scaled = own.mul_(lam_) if inplace or own is not images else torch.mul(own, lam_)
+        out = scaled.add_(other.mul_(1 - lam_))  # ``other`` is a fresh copy (index_select)
     if images.dtype == torch.uint8:
-        out = torch.floor(out + 0.5).clamp(0, 255)
+        out = out.add_(0.5).floor_().clamp_(0, 255)
     return out.to(images.dtype)
 
 
@@ -76,21 +92,26 @@ def pixel_mix(
     *,
     backend: str = "auto",
     validate: Optional[bool] = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """``lam[b] * images[b] + (1 - lam[b]) * images[partner[b]]`` for every sample in one launch.
 
     Args:
         images: (B, C, H, W) contiguous, float32 / float16 / bfloat16 / uint8 (uint8: rounded half up
-            and clamped). Not modified.
+            and clamped). Not modified unless ``inplace``.
         partner: int64 (B,) in [0, B).
         lam: float32 (B,), the weight of ``images[b]`` (usually in [0, 1]).
         backend: "auto" | "triton" | "torch" (see :mod:`kernels._backend`).
         validate: check partner in [0, B); None = only for CPU tensors, True = always (synchronises on
             CUDA), False = never (an unchecked bad partner gives NaN for that sample with float
             images on the Triton path, and an undefined sample with uint8 images).
+        inplace: the caller owns ``images`` and will not read it again, so the torch path may write the
+            result into float32 ``images`` instead of a new buffer (as ``inplace`` in ``torch.nn.functional``;
+            a new buffer is what costs on the CPU). Use the returned tensor either way: the Triton kernel,
+            which reads partner rows while others are written, always returns a new one.
 
     Returns:
-        A new tensor like ``images``.
+        A tensor like ``images``: new, or with ``inplace`` on the torch path possibly ``images`` itself.
     """
     t = _backend.check_tensor
     t(_OP, "images", images, dtypes=_DTYPES, shape=(None, None, None, None), shape_doc="(B, C, H, W)")
@@ -107,7 +128,7 @@ def pixel_mix(
     resolved = _backend.resolve_backend(backend, dev, _OP)
     _backend.check_no_grad(_OP, resolved, images=images, lam=lam)
     if resolved == "torch":
-        return pixel_mix_reference(images, partner, lam)
+        return pixel_mix_reference(images, partner, lam, inplace=inplace)
 
     out = torch.empty_like(images)
     if images.numel() == 0:

@@ -91,13 +91,19 @@ class BatchAssembler:
             pairs = [(row, hit) for row, hit in zip(wanted, self.pool.acquire_matching(keys, self.match_by,
                                                                                        self.allowed)) if hit]
         counts["misses"] += len(wanted) - len(pairs)
-        for row, (slot, seq) in pairs:
-            targets = {name: host[name][row].numpy() for name in self.pool.fields}
-            saved = {name: targets[name].copy() for name in self.overlap}
+        if not pairs:
+            return generated
+        # NumPy views of the host buffers, made once per batch: a row of one is a view in 0.1-0.3 us, where
+        # ``host[name][row].numpy()`` costs 3-5 us, per field and row (GenMix: 5 fields, ~32 rows a batch).
+        arrays = {name: host[name].numpy() for name in self.pool.fields}
+        rows = np.array([row for row, _ in pairs], dtype=np.int64)
+        saved = {name: arrays[name][rows] for name in self.overlap}  # the real rows (a copy), should a read tear
+        for k, (row, (slot, seq)) in enumerate(pairs):
+            targets = {name: array[row, ...] for name, array in arrays.items()}  # (a 0-d view for scalars)
             previous_serves = self.pool.read(slot, seq, targets)
             if previous_serves is None:  # the producer began overwriting the slot as we copied: keep the real one
-                for name, value in saved.items():
-                    np.copyto(targets[name], value)
+                for name, values in saved.items():
+                    np.copyto(targets[name], values[k])
                 counts["misses"] += 1
                 continue
             generated[row] = True

@@ -187,8 +187,11 @@ def sample_pixel_mix_params(active: torch.Tensor, *, alpha: float, generator: to
     return PixelMixParams(partner=_partners(size, generator, device), lam=lam)
 
 
-def pixel_mix(images: torch.Tensor, params: PixelMixParams, *, backend: str = "auto") -> torch.Tensor:
-    return kernels.pixel_mix(images, params.partner, params.lam, backend=backend)
+def pixel_mix(images: torch.Tensor, params: PixelMixParams, *, backend: str = "auto",
+              inplace: bool = False) -> torch.Tensor:
+    """Mix each sample with its partner; ``inplace``: the caller's ``images`` may hold the result (see
+    :func:`kernels.pixel_mix`: on the CPU a fresh batch-sized buffer costs more than the mixing)."""
+    return kernels.pixel_mix(images, params.partner, params.lam, backend=backend, inplace=inplace)
 
 
 # ---------------------------------------------------------------------------------------------- labels

@@ -425,7 +425,11 @@ def test_overhead_host_only(tmp_path, capsys):
     assert rows["onlineaug none"]["generated"] == 0
     assert set(result["targets"]) == {"none_vs_plain"}
     assert result["targets"]["none_vs_plain"]["value"] == rows["onlineaug none"]["median_vs_plain"]
-    assert "| onlineaug genmix |" in md.read_text() and "target: onlineaug none" in capsys.readouterr().out
+    assert data["settings"]["resize"] == "squash"  # the same no-op crop for every provider: the loaders' own work
+    assert any(note.startswith("like with like: the same uint8 items, crop resize=squash") for note in data["notes"])
+    out = capsys.readouterr().out
+    assert "| onlineaug genmix |" in md.read_text() and "target: onlineaug none" in out
+    assert f"torchvision {data['versions']['torchvision']}, timm {data['versions']['timm']}" in out
     with pytest.raises(ValueError, match="--host-only times the loader's host work on the CPU"):
         overhead.main(["--host-only", "--device", "cuda"])
 

@@ -432,7 +432,8 @@ class DiffCoReMix(Recipe):
                                   backend=ctx.backend)  # Eq. 7: M_p * I + (1 - M_p) * G (or with I and G swapped)
         normalized = ops.normalize(boxed, ctx.mean, ctx.std, ctx.out_dtype)
         weight = torch.cat([torch.where(pixel, lam, torch.ones_like(lam)), torch.ones_like(lam)])
-        images = ops.pixel_mix(normalized, ops.PixelMixParams(partner, weight), backend=ctx.backend)[:size]  # Eq. 6
+        images = ops.pixel_mix(normalized, ops.PixelMixParams(partner, weight), backend=ctx.backend,
+                               inplace=True)[:size]  # Eq. 6 (normalized is ours: no second buffer)
         kept = kept[:size]
         real_share = torch.where(pixel, lam, torch.where(patch, torch.where(real_in_box, 1 - kept, kept),
                                                          torch.where(mode == MODE_RAW, 0.0, 1.0)))

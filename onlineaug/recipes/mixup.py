@@ -30,7 +30,7 @@ class Mixup(Recipe):
 
     def apply(self, batch: Batch, params: Mapping[str, torch.Tensor], ctx: BatchContext):
         images = ops.normalize(batch.fields["image"], ctx.mean, ctx.std, ctx.out_dtype)
-        mixed = ops.pixel_mix(images, ops.PixelMixParams(**params), backend=ctx.backend)
+        mixed = ops.pixel_mix(images, ops.PixelMixParams(**params), backend=ctx.backend, inplace=True)  # ours
         labels, lam = batch.fields["label"], params["lam"]
         targets = ops.soft_labels(torch.stack([labels, labels[params["partner"]]], 1),
                                   torch.stack([lam, 1 - lam], 1), ctx.num_classes, smoothing=ctx.label_smoothing)

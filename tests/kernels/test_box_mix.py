@@ -147,3 +147,25 @@ def test_bad_input(device, make, error, match):
     images, partner, boxes = sample_inputs((3, 3, 17, 16), torch.float32, device)
     with pytest.raises(error, match=match):
         box_mix(*make(images, partner, boxes), validate=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32], ids=str)
+def test_reference_is_the_clipped_box_paste_bit_for_bit(dtype):
+    # every byte value on both sides of the paste (the uint8 path is wrap-around arithmetic: 0 <- 255, 255 <- 0)
+    values = torch.arange(256, dtype=torch.int64).reshape(4, 1, 8, 8).expand(4, 3, 8, 8)
+    images = torch.cat([values, 255 - values]).to(dtype).contiguous()  # 8 samples
+    if dtype.is_floating_point:
+        images = images / 7 - 11  # inexact values: a + (b - a) would not give b back
+    partner = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0])
+    boxes = torch.tensor([[-3, -3, 20, 20], [2, 3, 5, 7], [6, -2, 12, 3], [0, 0, 0, 0], [4, 4, 4, 9],
+                          [-5, 5, 2, 15], [7, 7, 8, 8], [1, 0, 8, 8]])
+    mixed, kept = box_mix_reference(images, partner, boxes)
+    for b in range(8):
+        y0, x0, y1, x1 = (int(v) for v in boxes[b])
+        y0, x0, y1, x1 = max(y0, 0), max(x0, 0), min(y1, 8), min(x1, 8)
+        expected = images[b].clone()
+        if y1 > y0 and x1 > x0:
+            expected[:, y0:y1, x0:x1] = images[partner[b], :, y0:y1, x0:x1]
+        assert torch.equal(mixed[b], expected), b
+        assert kept[b].item() == 1 - max(y1 - y0, 0) * max(x1 - x0, 0) / 64
+    assert mixed.dtype == dtype and mixed.is_contiguous()

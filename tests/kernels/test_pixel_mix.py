@@ -95,3 +95,32 @@ def test_bad_input(device, make, error, match):
     images, partner, lam = sample_inputs((3, 3, 17, 16), torch.float32, device)
     with pytest.raises(error, match=match):
         pixel_mix(*make(images, partner, lam), validate=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_inplace_gives_the_same_bits_and_reuses_only_float32_images_on_the_torch_path(device, dtype):
+    images, partner, lam = sample_inputs((6, 3, 9, 7), dtype, device, seed=3)
+    partner = torch.tensor([5, 0, 1, 2, 3, 4], device=device)  # every row is someone's partner
+    before = images.clone()
+    expected = (lam.view(-1, 1, 1, 1) * before.float() + (1 - lam.view(-1, 1, 1, 1)) * before[partner].float())
+    if dtype == torch.uint8:
+        expected = torch.floor(expected + 0.5).clamp(0, 255)
+    expected = expected.to(dtype)
+    out = pixel_mix(images, partner, lam, backend="torch", inplace=True)
+    assert torch.equal(out, expected)  # partners gathered before any row was overwritten
+    if dtype == torch.float32:
+        assert out.data_ptr() == images.data_ptr()  # the caller's batch holds the result
+    else:
+        assert out.data_ptr() != images.data_ptr() and torch.equal(images, before)  # a float32 copy was mixed
+    kernel = pixel_mix(before.clone(), partner, lam, backend="triton", inplace=True)  # ignored: a new tensor
+    assert_close(kernel, expected)
+
+
+def test_inplace_keeps_autograd():
+    images = torch.rand(4, 3, 5, 5, requires_grad=True)
+    lam = torch.tensor([1.0, 0.0, 0.25, 0.5])
+    out = pixel_mix(images, torch.tensor([1, 2, 3, 0]), lam, backend="torch", inplace=True)
+    out.sum().backward()
+    # d/dx_b of sum(lam_b x_b + (1 - lam_b) x_{p(b)}): lam_b plus (1 - lam_a) for the a with p(a) = b
+    weight = lam + (1 - lam[[3, 0, 1, 2]])
+    assert torch.allclose(images.grad, weight.view(-1, 1, 1, 1).expand_as(images))
