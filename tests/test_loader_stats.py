@@ -2,7 +2,6 @@
 miss-rate warning (once, with what to change), and the log_every hook."""
 
 import logging
-import time
 
 import pytest
 import torch
@@ -10,22 +9,10 @@ import torch
 from onlineaug import OnlineGenAugLoader, flat_stats
 from onlineaug.datasets import SyntheticShapes
 from onlineaug.monitor import ServeMonitor, miss_rate_advice
-from onlineaug.recipes import register_recipe
-from onlineaug.recipes.genmix import GenMix
+
+import test_loader_misses  # noqa: F401 - registers "test-stalled-genmix" (a producer that never finishes)
 
 SIZE = 16
-
-
-class NeverDoneGenMix(GenMix):
-    """GenMix whose producer never finishes a generation: every generated sample asked for is a miss."""
-
-    name = "test-never-done-genmix"
-
-    def produce(self, models, batch, ctx):
-        time.sleep(600)
-
-
-register_recipe(NeverDoneGenMix)
 
 
 def miss_rate_records(caplog):
@@ -35,7 +22,7 @@ def miss_rate_records(caplog):
 def test_the_miss_rate_warning_fires_once_and_says_what_to_change(caplog):
     caplog.set_level(logging.WARNING, logger="onlineaug")
     dataset = SyntheticShapes(num_classes=4, size=SIZE, length=48, seed=0)
-    loader = OnlineGenAugLoader(dataset, recipe="test-never-done-genmix", num_classes=4, batch_size=2, image_size=SIZE,
+    loader = OnlineGenAugLoader(dataset, recipe="test-stalled-genmix", num_classes=4, batch_size=2, image_size=SIZE,
                                 p_aug=0.5, pool_size=4, generator_batch_size=2, num_workers=0, progress=False,
                                 recipe_options={"num_inference_steps": 1}, miss_window=5, warn_miss_rate=0.5)
     with loader:
